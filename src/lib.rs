@@ -1,0 +1,8 @@
+//! Sluice: a high-throughput outbound SMTP relay.
+//!
+//! The protocol cores under [`smtp`] are sans-IO state machines; the glommio
+//! drivers that feed them live beside them and stay thin.
+#![warn(missing_docs)]
+#![forbid(unsafe_code)]
+
+pub mod smtp;

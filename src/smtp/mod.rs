@@ -1,0 +1,6 @@
+//! SMTP protocol cores: replies, commands, addresses, the DATA scanner and the
+//! server session. Nothing in here does I/O or reads the clock.
+
+pub mod reply;
+
+pub use reply::{EnhancedCode, Reply};
