@@ -1,6 +1,8 @@
 //! SMTP protocol cores: replies, commands, addresses, the DATA scanner and the
 //! server session. Nothing in here does I/O or reads the clock.
 
+pub mod address;
+pub mod command;
 pub mod reply;
 
 pub use reply::{EnhancedCode, Reply};
