@@ -1,1 +1,274 @@
-fn main() {}
+//! `sluice-load`: load generator (`send`), SMTP sink (`sink`) and idle-connection holder
+//! (`idle`) for driving Sluice (or Postfix) end to end on loopback.
+
+mod body;
+mod client;
+mod idle;
+mod send;
+mod sink;
+mod sys;
+mod util;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use util::{parse_duration, parse_loopback_addr, parse_size};
+
+#[derive(Parser, Debug)]
+#[command(name = "sluice-load", version, about = "Load generator and SMTP sink for Sluice (loopback only)")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Send messages over N concurrent connections and report throughput and latency.
+    Send(SendArgs),
+    /// Run an SMTP server that accepts (or refuses, as told) everything and counts it.
+    Sink(SinkArgs),
+    /// Open N connections, EHLO, hold them idle, then QUIT.
+    Idle(IdleArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct SendArgs {
+    /// Server to drive (loopback only).
+    #[arg(long, default_value = "127.0.0.1:2525", value_parser = parse_loopback_addr)]
+    target: SocketAddr,
+    /// Concurrent connections (one thread each).
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=20_000))]
+    connections: u64,
+    /// Total messages to attempt.
+    #[arg(long, default_value_t = 10_000)]
+    messages: u64,
+    /// Approximate message size (e.g. 5k, 1m).
+    #[arg(long, default_value = "5k", value_parser = parse_size)]
+    size: usize,
+    /// Recipients per message.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    recipients: u64,
+    /// Distinct recipient domains (round-robin).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    domains: u64,
+    /// Envelope sender.
+    #[arg(long, default_value = "load@sluice-load.test")]
+    from: String,
+    /// Recipient template; {n} = global recipient counter, {domain} = n mod --domains.
+    #[arg(long, default_value = "user{n}@d{domain}.test")]
+    rcpt_template: String,
+    /// PIPELINING use: auto (when offered), on (always), off (never).
+    #[arg(long, value_enum, default_value_t = send::Pipelining::Auto)]
+    pipelining: send::Pipelining,
+    /// Use BDAT (CHUNKING) when the server offers it.
+    #[arg(long)]
+    chunking: bool,
+    /// BDAT chunk size.
+    #[arg(long, default_value = "64k", value_parser = parse_size)]
+    chunk_size: usize,
+    /// Reconnect after this many messages (0 = keep the connection).
+    #[arg(long, default_value_t = 0)]
+    messages_per_connection: u64,
+    /// Stop starting transactions after this long (e.g. 60s).
+    #[arg(long, value_parser = parse_duration)]
+    duration_limit: Option<Duration>,
+    /// Connect/read/write timeout.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    io_timeout: Duration,
+    /// EHLO name.
+    #[arg(long, default_value = "load.sluice-load.test")]
+    helo: String,
+    /// Append `QUEUE-ID<TAB>MESSAGE-ID` for every `queued as` reply to this file.
+    #[arg(long)]
+    ids_file: Option<PathBuf>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+struct SinkArgs {
+    /// Address to listen on (loopback only; port 0 = any free port).
+    #[arg(long, default_value = "127.0.0.1:2526", value_parser = parse_loopback_addr)]
+    listen: SocketAddr,
+    /// Write the bound address here once listening.
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
+    /// Reply code for every RCPT (e.g. 250, 450, 550).
+    #[arg(long, default_value_t = 250, value_parser = clap::value_parser!(u16).range(200..=599))]
+    reply_rcpt: u16,
+    /// Final reply code after the data (e.g. 250, 451, 554).
+    #[arg(long, default_value_t = 250, value_parser = clap::value_parser!(u16).range(200..=599))]
+    reply_data: u16,
+    /// The first N transactions get 451 at end of data, later ones are accepted.
+    #[arg(long, default_value_t = 0)]
+    fail_first: u64,
+    /// Most concurrent connections (one thread each); more get 421.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    max_connections: u64,
+    /// Write stats JSON here (atomically) as they change and on SIGTERM.
+    #[arg(long)]
+    stats_file: Option<PathBuf>,
+    /// Store each accepted message as DIR/NNNNNNNN.eml plus DIR/NNNNNNNN.json (envelope).
+    #[arg(long)]
+    store: Option<PathBuf>,
+    /// SIZE limit advertised and enforced.
+    #[arg(long, default_value = "100m", value_parser = parse_size)]
+    max_message_size: usize,
+    /// Close a connection idle for this long.
+    #[arg(long, default_value = "300s", value_parser = parse_duration)]
+    idle_timeout: Duration,
+    /// Hostname in the greeting.
+    #[arg(long, default_value = "sink.sluice-load.test")]
+    hostname: String,
+    /// Do not advertise PIPELINING.
+    #[arg(long)]
+    no_pipelining: bool,
+    /// Do not advertise CHUNKING.
+    #[arg(long)]
+    no_chunking: bool,
+}
+
+#[derive(clap::Args, Debug)]
+struct IdleArgs {
+    /// Server to connect to (loopback only).
+    #[arg(long, default_value = "127.0.0.1:2525", value_parser = parse_loopback_addr)]
+    target: SocketAddr,
+    /// Connections to open.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=200_000))]
+    connections: u64,
+    /// How long to hold the connections (ends early when a piped stdin closes).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    hold: Duration,
+    /// Upper bound on connecting + greeting + EHLO for all connections.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    setup_timeout: Duration,
+    /// Most handshakes in flight at once.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    batch: u64,
+    /// Write `{"established":N,"failed":M}` here when the hold begins.
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
+    /// EHLO name.
+    #[arg(long, default_value = "idle.sluice-load.test")]
+    helo: String,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Send(a) => {
+            let json = a.json;
+            let cfg = send::SendConfig {
+                target: a.target,
+                connections: a.connections as usize,
+                messages: a.messages,
+                size: a.size,
+                recipients: a.recipients as usize,
+                domains: a.domains,
+                from: a.from,
+                rcpt_template: a.rcpt_template,
+                pipelining: a.pipelining,
+                chunking: a.chunking,
+                chunk_size: a.chunk_size.max(1),
+                messages_per_connection: a.messages_per_connection,
+                duration_limit: a.duration_limit,
+                io_timeout: a.io_timeout,
+                helo: a.helo,
+                ids_file: a.ids_file,
+            };
+            match send::run(cfg) {
+                Ok(r) => {
+                    if json {
+                        println!("{}", serde_json::to_string(&r).unwrap_or_default());
+                    } else {
+                        send::print_human(&r);
+                    }
+                    // Failing to open any connection is a setup problem, not a measurement.
+                    if r.connections_opened == 0 && r.messages_requested > 0 {
+                        ExitCode::from(1)
+                    } else {
+                        ExitCode::SUCCESS
+                    }
+                }
+                Err(e) => {
+                    eprintln!("sluice-load send: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Cmd::Sink(a) => {
+            let cfg = sink::SinkConfig {
+                listen: a.listen,
+                ready_file: a.ready_file,
+                reply_rcpt: a.reply_rcpt,
+                reply_data: a.reply_data,
+                fail_first: a.fail_first,
+                max_connections: a.max_connections as usize,
+                stats_file: a.stats_file,
+                store: a.store,
+                max_message_size: a.max_message_size as u64,
+                idle_timeout: a.idle_timeout,
+                hostname: a.hostname,
+                no_pipelining: a.no_pipelining,
+                no_chunking: a.no_chunking,
+            };
+            match sink::run(cfg) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("sluice-load sink: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Cmd::Idle(a) => {
+            let json = a.json;
+            let cfg = idle::IdleConfig {
+                target: a.target,
+                connections: a.connections as usize,
+                hold: a.hold,
+                setup_timeout: a.setup_timeout,
+                batch: a.batch as usize,
+                ready_file: a.ready_file,
+                helo: a.helo,
+            };
+            match idle::run(cfg) {
+                Ok(r) => {
+                    if json {
+                        println!("{}", serde_json::to_string(&r).unwrap_or_default());
+                    } else {
+                        println!(
+                            "idle: {} requested, {} established, {} failed, {} dropped during hold, \
+                             {} held at end, {} QUIT ok; setup {:.2}s, held {:.2}s ({}), nofile {}",
+                            r.requested,
+                            r.established,
+                            r.failed,
+                            r.dropped_during_hold,
+                            r.held_at_end,
+                            r.quit_ok,
+                            r.setup_s,
+                            r.held_s,
+                            r.hold_ended_by,
+                            r.nofile_limit
+                        );
+                        for (e, n) in &r.errors {
+                            println!("error: {n} x {e}");
+                        }
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("sluice-load idle: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+    }
+}
