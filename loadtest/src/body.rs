@@ -13,8 +13,22 @@ const DOT_LINES: [&str; 4] = [
 ];
 
 const WORDS: [&str; 16] = [
-    "sluice", "relay", "queue", "spool", "deliver", "domain", "mailbox", "envelope", "header",
-    "throughput", "latency", "pipeline", "chunk", "message", "transfer", "loopback",
+    "sluice",
+    "relay",
+    "queue",
+    "spool",
+    "deliver",
+    "domain",
+    "mailbox",
+    "envelope",
+    "header",
+    "throughput",
+    "latency",
+    "pipeline",
+    "chunk",
+    "message",
+    "transfer",
+    "loopback",
 ];
 
 /// The part of a message shared by all messages of a run: the body after the headers.

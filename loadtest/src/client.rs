@@ -81,7 +81,8 @@ pub fn read_reply<R: BufRead>(r: &mut R) -> io::Result<Reply> {
                 String::from_utf8_lossy(&buf)
             )));
         }
-        let code = (buf[0] - b'0') as u16 * 100 + (buf[1] - b'0') as u16 * 10 + (buf[2] - b'0') as u16;
+        let code =
+            (buf[0] - b'0') as u16 * 100 + (buf[1] - b'0') as u16 * 10 + (buf[2] - b'0') as u16;
         let sep = buf.get(3).copied();
         let text = if buf.len() > 4 {
             String::from_utf8_lossy(&buf[4..]).into_owned()
@@ -106,13 +107,16 @@ mod tests {
     fn replies_table() {
         for (input, want) in [
             (&b"250 ok\r\n"[..], Some((250, vec!["ok"]))),
-            (b"250-a\r\n250-PIPELINING\r\n250 SIZE 10\r\n", Some((250, vec!["a", "PIPELINING", "SIZE 10"]))),
+            (
+                b"250-a\r\n250-PIPELINING\r\n250 SIZE 10\r\n",
+                Some((250, vec!["a", "PIPELINING", "SIZE 10"])),
+            ),
             (b"354\r\n", Some((354, vec![""]))),
             (b"2x0 ok\r\n", None),
             (b"250-a\r\n", None),
             (b"", None),
         ] {
-            let got = read_reply(&mut &input[..]).ok().map(|r| r.clone());
+            let got = read_reply(&mut &input[..]).ok();
             let want = want.map(|(c, l)| Reply {
                 code: c,
                 lines: l.into_iter().map(String::from).collect(),
@@ -129,7 +133,10 @@ mod tests {
             ("2.0.0 Queued as abc.", Some("abc")),
             ("2.0.0 accepted", None),
         ] {
-            let r = Reply { code: 250, lines: vec![text.into()] };
+            let r = Reply {
+                code: 250,
+                lines: vec![text.into()],
+            };
             assert_eq!(r.queue_id().as_deref(), want, "{text}");
         }
     }
@@ -138,7 +145,12 @@ mod tests {
     fn extensions() {
         let r = Reply {
             code: 250,
-            lines: vec!["host".into(), "PIPELINING".into(), "chunking".into(), "SIZE 100".into()],
+            lines: vec![
+                "host".into(),
+                "PIPELINING".into(),
+                "chunking".into(),
+                "SIZE 100".into(),
+            ],
         };
         assert!(r.has_extension("pipelining"));
         assert!(r.has_extension("CHUNKING"));

@@ -140,7 +140,12 @@ impl Run {
 
     /// Polls all live connections (plus `extra_fd`) once; advances state machines.
     /// Returns the revents of `extra_fd`.
-    fn poll_once(&mut self, timeout: Duration, extra_fd: Option<i32>, helo: &str) -> io::Result<i16> {
+    fn poll_once(
+        &mut self,
+        timeout: Duration,
+        extra_fd: Option<i32>,
+        helo: &str,
+    ) -> io::Result<i16> {
         let mut fds = Vec::with_capacity(self.conns.len() + 1);
         let mut idx = Vec::with_capacity(self.conns.len());
         for (i, c) in self.conns.iter().enumerate() {
@@ -149,14 +154,26 @@ impl Run {
                 St::Closed => continue,
                 _ => libc::POLLIN,
             };
-            fds.push(libc::pollfd { fd: c.stream.as_raw_fd(), events, revents: 0 });
+            fds.push(libc::pollfd {
+                fd: c.stream.as_raw_fd(),
+                events,
+                revents: 0,
+            });
             idx.push(i);
         }
         if let Some(fd) = extra_fd {
-            fds.push(libc::pollfd { fd, events: libc::POLLIN, revents: 0 });
+            fds.push(libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            });
         }
         sys::poll(&mut fds, timeout)?;
-        let extra = if extra_fd.is_some() { fds.pop().map_or(0, |f| f.revents) } else { 0 };
+        let extra = if extra_fd.is_some() {
+            fds.pop().map_or(0, |f| f.revents)
+        } else {
+            0
+        };
         for (k, f) in fds.iter().enumerate() {
             if f.revents != 0 {
                 self.advance(idx[k], f.revents, helo);
@@ -241,7 +258,11 @@ impl Run {
 }
 
 fn open(target: SocketAddr) -> io::Result<TcpStream> {
-    let sock = Socket::new(Domain::for_address(target), Type::STREAM, Some(Protocol::TCP))?;
+    let sock = Socket::new(
+        Domain::for_address(target),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )?;
     sock.set_nonblocking(true)?;
     match sock.connect(&SockAddr::from(target)) {
         Ok(()) => {}
@@ -285,7 +306,11 @@ pub fn run(cfg: IdleConfig) -> io::Result<IdleReport> {
             opened += 1;
             room -= 1;
             match open(cfg.target) {
-                Ok(stream) => run.conns.push(Conn { stream, st: St::Connecting, buf: Vec::new() }),
+                Ok(stream) => run.conns.push(Conn {
+                    stream,
+                    st: St::Connecting,
+                    buf: Vec::new(),
+                }),
                 Err(e) => {
                     run.failed += 1;
                     run.err(format!("connect: {e}"));

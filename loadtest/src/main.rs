@@ -19,7 +19,11 @@ use clap::{Parser, Subcommand};
 use util::{parse_duration, parse_loopback_addr, parse_size};
 
 #[derive(Parser, Debug)]
-#[command(name = "sluice-load", version, about = "Load generator and SMTP sink for Sluice (loopback only)")]
+#[command(
+    name = "sluice-load",
+    version,
+    about = "Load generator and SMTP sink for Sluice (loopback only)"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,

@@ -84,7 +84,13 @@ impl Percentiles {
     fn from_hist(h: &Histogram<u64>) -> Self {
         let ms = |us: u64| us as f64 / 1000.0;
         if h.is_empty() {
-            return Percentiles { count: 0, p50: 0.0, p90: 0.0, p99: 0.0, max: 0.0 };
+            return Percentiles {
+                count: 0,
+                p50: 0.0,
+                p90: 0.0,
+                p99: 0.0,
+                max: 0.0,
+            };
         }
         Percentiles {
             count: h.len(),
@@ -246,7 +252,7 @@ struct Conn {
 
 impl Conn {
     fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
-        (&*self.reader.get_ref()).write_all(data)
+        self.reader.get_ref().write_all(data)
     }
 
     fn reply(&mut self) -> io::Result<Reply> {
@@ -261,12 +267,8 @@ impl Conn {
 
 /// How a transaction ended (I/O errors are the `Err` case).
 enum Outcome {
-    Accepted {
-        queue_id: Option<String>,
-    },
-    Rejected {
-        code: u16,
-    },
+    Accepted { queue_id: Option<String> },
+    Rejected { code: u16 },
 }
 
 /// Per-transaction timing and side counts.
@@ -287,12 +289,25 @@ fn connect(shared: &Shared) -> io::Result<Conn> {
     let mut reader = BufReader::with_capacity(16 * 1024, stream);
     let greet = read_reply(&mut reader)?;
     if greet.code != 220 {
-        return Err(io::Error::other(format!("greeting {} {}", greet.code, greet.lines.join(" "))));
+        return Err(io::Error::other(format!(
+            "greeting {} {}",
+            greet.code,
+            greet.lines.join(" ")
+        )));
     }
-    let mut conn = Conn { reader, pipelining: false, chunking: false, size_ext: false };
+    let mut conn = Conn {
+        reader,
+        pipelining: false,
+        chunking: false,
+        size_ext: false,
+    };
     let ehlo = conn.cmd(&format!("EHLO {}\r\n", cfg.helo))?;
     if ehlo.code != 250 {
-        return Err(io::Error::other(format!("EHLO {} {}", ehlo.code, ehlo.lines.join(" "))));
+        return Err(io::Error::other(format!(
+            "EHLO {} {}",
+            ehlo.code,
+            ehlo.lines.join(" ")
+        )));
     }
     conn.pipelining = match cfg.pipelining {
         Pipelining::Auto => ehlo.has_extension("PIPELINING"),
@@ -437,17 +452,15 @@ fn transaction(
     } else if conn.pipelining {
         let r = conn.reply()?; // DATA reply
         if r.code == 354 {
-            let t_dot;
             if envelope_ok {
                 stuffed.clear();
                 dot_stuff_into(raw, stuffed);
                 conn.write_all(stuffed)?;
-                t_dot = Instant::now();
             } else {
                 // Server accepted DATA with no valid recipient; end it empty (RFC 2920 3.1).
                 conn.write_all(b".\r\n")?;
-                t_dot = Instant::now();
             }
+            let t_dot = Instant::now();
             let fin = conn.reply()?;
             if envelope_ok {
                 info.dot_us = Some(micros(t_dot.elapsed()));
@@ -475,16 +488,22 @@ fn transaction(
 
     match final_reply {
         Some(r) if r.is_positive() && envelope_ok => {
-            info.outcome = Outcome::Accepted { queue_id: r.queue_id() };
+            info.outcome = Outcome::Accepted {
+                queue_id: r.queue_id(),
+            };
         }
         Some(r) => {
             if !r.is_positive() {
                 refuse(r.code, &mut info);
             }
-            info.outcome = Outcome::Rejected { code: first_refusal.unwrap_or(r.code) };
+            info.outcome = Outcome::Rejected {
+                code: first_refusal.unwrap_or(r.code),
+            };
         }
         None => {
-            info.outcome = Outcome::Rejected { code: first_refusal.unwrap_or(0) };
+            info.outcome = Outcome::Rejected {
+                code: first_refusal.unwrap_or(0),
+            };
         }
     }
     if matches!(info.outcome, Outcome::Rejected { .. }) && !info.closing {
@@ -531,7 +550,9 @@ fn run_worker(shared: Arc<Shared>, worker_idx: usize) -> Worker {
                     break;
                 }
                 // Brief back-off so a refusing server is not hammered; bounded by the count above.
-                std::thread::sleep(Duration::from_millis(50 * u64::from(consecutive_connect_failures)));
+                std::thread::sleep(Duration::from_millis(
+                    50 * u64::from(consecutive_connect_failures),
+                ));
                 continue;
             }
         };
@@ -555,7 +576,9 @@ fn run_worker(shared: Arc<Shared>, worker_idx: usize) -> Worker {
                 break;
             }
             on_this_conn += 1;
-            let base = shared.next_rcpt.fetch_add(cfg.recipients as u64, Ordering::Relaxed);
+            let base = shared
+                .next_rcpt
+                .fetch_add(cfg.recipients as u64, Ordering::Relaxed);
             let rcpts: Vec<String> = (0..cfg.recipients as u64)
                 .map(|j| {
                     let n = base + j;
@@ -617,7 +640,10 @@ fn run_worker(shared: Arc<Shared>, worker_idx: usize) -> Worker {
 pub fn run(cfg: SendConfig) -> io::Result<SendReport> {
     let ids = match &cfg.ids_file {
         Some(p) => Some(Mutex::new(LineWriter::new(
-            std::fs::OpenOptions::new().create(true).append(true).open(p)?,
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)?,
         ))),
         None => None,
     };
@@ -668,7 +694,10 @@ pub fn run(cfg: SendConfig) -> io::Result<SendReport> {
         connect_errors: total.connect_errors,
         pipelined_connections: total.pipelined_connections,
         chunked_messages: total.chunked_messages,
-        message_size: if total.accepted > 0 { total.bytes_accepted / total.accepted } else { 0 },
+        message_size: total
+            .bytes_accepted
+            .checked_div(total.accepted)
+            .unwrap_or(0),
         bytes_accepted: total.bytes_accepted,
         queue_ids_captured: total.queue_ids,
         stopped_by_duration_limit: shared.hit_deadline.load(Ordering::Relaxed)
@@ -691,7 +720,11 @@ pub fn print_human(r: &SendReport) {
         r.messages_requested, r.attempted, r.accepted, r.rejected, r.errors
     );
     if !r.rejected_by_code.is_empty() {
-        let parts: Vec<String> = r.rejected_by_code.iter().map(|(c, n)| format!("{c}: {n}")).collect();
+        let parts: Vec<String> = r
+            .rejected_by_code
+            .iter()
+            .map(|(c, n)| format!("{c}: {n}"))
+            .collect();
         println!("rejected by code  {}", parts.join(", "));
     }
     if r.rcpt_rejected > 0 {

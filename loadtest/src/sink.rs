@@ -101,7 +101,11 @@ impl Shared {
     }
 
     fn snapshot(&self) -> SinkStats {
-        self.cell.lock().unwrap_or_else(|p| p.into_inner()).stats.clone()
+        self.cell
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .stats
+            .clone()
     }
 }
 
@@ -137,7 +141,10 @@ pub fn run(cfg: SinkConfig) -> io::Result<()> {
         fail_first_left: AtomicU64::new(cfg.fail_first),
         seq: AtomicU64::new(0),
         cell: Mutex::new(StatsCell {
-            stats: SinkStats { listen: local.to_string(), ..Default::default() },
+            stats: SinkStats {
+                listen: local.to_string(),
+                ..Default::default()
+            },
             dirty: true,
         }),
         cv: Condvar::new(),
@@ -159,14 +166,16 @@ pub fn run(cfg: SinkConfig) -> io::Result<()> {
             signal_hook::consts::SIGTERM,
             signal_hook::consts::SIGINT,
         ])?;
-        std::thread::Builder::new().name("sink-signals".into()).spawn(move || {
-            if signals.forever().next().is_some() {
-                if let Some(p) = &sh.cfg.stats_file {
-                    let _ = write_stats(p, &sh.snapshot());
+        std::thread::Builder::new()
+            .name("sink-signals".into())
+            .spawn(move || {
+                if signals.forever().next().is_some() {
+                    if let Some(p) = &sh.cfg.stats_file {
+                        let _ = write_stats(p, &sh.snapshot());
+                    }
+                    std::process::exit(0);
                 }
-                std::process::exit(0);
-            }
-        })?;
+            })?;
     }
     // Ready only after signal handlers and stats are in place, so a test that saw the ready
     // file can rely on SIGTERM producing final stats.
@@ -193,7 +202,8 @@ pub fn run(cfg: SinkConfig) -> io::Result<()> {
                 false
             } else {
                 c.stats.connections_current += 1;
-                c.stats.connections_peak = c.stats.connections_peak.max(c.stats.connections_current);
+                c.stats.connections_peak =
+                    c.stats.connections_peak.max(c.stats.connections_current);
                 true
             }
         };
@@ -242,7 +252,11 @@ fn read_line(r: &mut impl BufRead, buf: &mut Vec<u8>, max: usize) -> io::Result<
     loop {
         let avail = r.fill_buf()?;
         if avail.is_empty() {
-            return Ok(if buf.is_empty() && !too_long { Line::Eof } else { Line::Ok });
+            return Ok(if buf.is_empty() && !too_long {
+                Line::Eof
+            } else {
+                Line::Ok
+            });
         }
         let (take, done) = match memchr_lf(avail) {
             Some(i) => (i + 1, true),
@@ -352,7 +366,10 @@ impl Session<'_> {
                 s.recipients += n_rcpt;
                 s.bytes += len;
             });
-            self.reply(&format!("{} 2.0.0 Ok: queued as {queue_id}", cfg.reply_data));
+            self.reply(&format!(
+                "{} 2.0.0 Ok: queued as {queue_id}",
+                cfg.reply_data
+            ));
         }
         self.reset();
         Ok(())
@@ -360,7 +377,14 @@ impl Session<'_> {
 
     /// Writes the message bytes exactly as received (unstuffed) and then the envelope, so a
     /// reader that sees `N.json` can rely on `N.eml` being complete.
-    fn store(&self, dir: &Path, seq: u64, queue_id: &str, body: &[u8], transfer: &str) -> io::Result<()> {
+    fn store(
+        &self,
+        dir: &Path,
+        seq: u64,
+        queue_id: &str,
+        body: &[u8],
+        transfer: &str,
+    ) -> io::Result<()> {
         write_atomic(&dir.join(format!("{seq:08}.eml")), body)?;
         let env = serde_json::json!({
             "seq": seq,
@@ -531,7 +555,10 @@ fn handle(stream: TcpStream, shared: &Shared) -> io::Result<()> {
                 let keep = size.min(room);
                 let got = (&mut reader).take(keep).read_to_end(buf)? as u64;
                 if got < keep {
-                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "EOF in BDAT chunk"));
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "EOF in BDAT chunk",
+                    ));
                 }
                 if size > keep {
                     s.bdat_too_big = true;
@@ -652,7 +679,10 @@ mod tests {
         let mut buf = Vec::new();
         assert!(matches!(read_line(&mut r, &mut buf, 8).unwrap(), Line::Ok));
         assert_eq!(buf, b"short\r\n");
-        assert!(matches!(read_line(&mut r, &mut buf, 8).unwrap(), Line::TooLong));
+        assert!(matches!(
+            read_line(&mut r, &mut buf, 8).unwrap(),
+            Line::TooLong
+        ));
         assert!(matches!(read_line(&mut r, &mut buf, 8).unwrap(), Line::Ok));
         assert_eq!(buf, b"ok\r\n");
         assert!(matches!(read_line(&mut r, &mut buf, 8).unwrap(), Line::Eof));

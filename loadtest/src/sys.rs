@@ -24,8 +24,13 @@ pub fn poll(fds: &mut [libc::pollfd], timeout: Duration) -> io::Result<usize> {
 /// Raises RLIMIT_NOFILE's soft limit to at least `want` (also the hard limit if we are
 /// allowed to). Returns the soft limit now in effect; not reaching `want` is not an error
 /// here: the connections that do not fit are reported as failures.
+// rlim_t is u64 here but not on every target; the casts keep this portable.
+#[allow(clippy::unnecessary_cast)]
 pub fn raise_nofile(want: u64) -> io::Result<u64> {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: `lim` is a valid out-pointer for getrlimit.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
         return Err(io::Error::last_os_error());
@@ -42,7 +47,10 @@ pub fn raise_nofile(want: u64) -> io::Result<u64> {
         return Ok(want);
     }
     // Not privileged to raise the hard limit: go as high as it allows.
-    let capped = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+    let capped = libc::rlimit {
+        rlim_cur: lim.rlim_max,
+        rlim_max: lim.rlim_max,
+    };
     // SAFETY: as above.
     if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &capped) } == 0 {
         return Ok(lim.rlim_max as u64);

@@ -31,7 +31,8 @@ struct Sink {
     proc: Proc,
     addr: SocketAddr,
     stats: PathBuf,
-    dir: tempfile::TempDir,
+    /// Keeps the ready/stats files alive for the sink's lifetime.
+    _dir: tempfile::TempDir,
 }
 
 fn poll_until<T>(what: &str, proc: Option<&mut Proc>, mut f: impl FnMut() -> Option<T>) -> T {
@@ -68,9 +69,18 @@ fn start_sink(extra: &[&str]) -> Sink {
         .unwrap();
     let mut proc = Proc(child);
     let addr = poll_until("sink ready file", Some(&mut proc), || {
-        fs::read_to_string(&ready).ok()?.trim().parse::<SocketAddr>().ok()
+        fs::read_to_string(&ready)
+            .ok()?
+            .trim()
+            .parse::<SocketAddr>()
+            .ok()
     });
-    Sink { proc, addr, stats, dir }
+    Sink {
+        proc,
+        addr,
+        stats,
+        _dir: dir,
+    }
 }
 
 impl Sink {
@@ -84,7 +94,10 @@ impl Sink {
         let mut last = None;
         let start = Instant::now();
         loop {
-            if let Some(s) = fs::read(&path).ok().and_then(|b| serde_json::from_slice::<Value>(&b).ok()) {
+            if let Some(s) = fs::read(&path)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+            {
                 if pred(&s) {
                     return s;
                 }
@@ -93,20 +106,36 @@ impl Sink {
             if let Ok(Some(st)) = self.proc.0.try_wait() {
                 panic!("sink exited ({st}) while waiting for {what}");
             }
-            assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}; last stats {last:?}");
+            assert!(
+                start.elapsed() < DEADLINE,
+                "timed out waiting for {what}; last stats {last:?}"
+            );
             std::thread::sleep(POLL);
         }
     }
 }
 
 fn run(args: &[&str]) -> Output {
-    Command::new(BIN).args(args).stdin(Stdio::null()).output().unwrap()
+    Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
 }
 
 /// Runs `send --json` against `addr` and returns its report.
 fn send(addr: SocketAddr, extra: &[&str]) -> Value {
     let target = addr.to_string();
-    let mut args = vec!["send", "--json", "--target", &target, "--io-timeout", "20s", "--duration-limit", "120s"];
+    let mut args = vec![
+        "send",
+        "--json",
+        "--target",
+        &target,
+        "--io-timeout",
+        "20s",
+        "--duration-limit",
+        "120s",
+    ];
     args.extend_from_slice(extra);
     let out = run(&args);
     assert!(
@@ -120,7 +149,8 @@ fn send(addr: SocketAddr, extra: &[&str]) -> Value {
 }
 
 fn u(v: &Value, k: &str) -> u64 {
-    v[k].as_u64().unwrap_or_else(|| panic!("missing {k} in {v}"))
+    v[k].as_u64()
+        .unwrap_or_else(|| panic!("missing {k} in {v}"))
 }
 
 #[test]
@@ -128,13 +158,25 @@ fn counts_match() {
     let mut sink = start_sink(&[]);
     let r = send(
         sink.addr,
-        &["--connections", "4", "--messages", "300", "--recipients", "2", "--domains", "3", "--size", "5k"],
+        &[
+            "--connections",
+            "4",
+            "--messages",
+            "300",
+            "--recipients",
+            "2",
+            "--domains",
+            "3",
+            "--size",
+            "5k",
+        ],
     );
     assert_eq!(u(&r, "accepted"), 300, "{r}");
     assert_eq!(u(&r, "rejected"), 0);
     assert_eq!(u(&r, "errors"), 0);
     assert_eq!(u(&r, "attempted"), 300);
-    assert_eq!(u(&r, "connections_opened"), 4);
+    // A late-starting worker may find the budget already used up, so not necessarily all 4.
+    assert!((1..=4).contains(&u(&r, "connections_opened")), "{r}");
     assert!(u(&r, "message_size").abs_diff(5120) < 200, "{r}");
     assert_eq!(r["latency_ms"]["transaction"]["count"], 300);
     assert_eq!(r["latency_ms"]["dot_to_reply"]["count"], 300);
@@ -143,11 +185,13 @@ fn counts_match() {
     assert!(p["p99"].as_f64().unwrap() <= p["max"].as_f64().unwrap());
     assert!(r["messages_per_s"].as_f64().unwrap() > 0.0);
     let bytes = u(&r, "bytes_accepted");
-    let s = sink.wait_stats("300 messages", |s| s["messages"] == 300 && s["connections_current"] == 0);
+    let s = sink.wait_stats("300 messages", |s| {
+        s["messages"] == 300 && s["connections_current"] == 0
+    });
     assert_eq!(u(&s, "recipients"), 600);
     // Byte-exact after stuffing and unstuffing.
     assert_eq!(u(&s, "bytes"), bytes);
-    assert_eq!(u(&s, "connections_total"), 4);
+    assert_eq!(u(&s, "connections_total"), u(&r, "connections_opened"));
     assert_eq!(u(&s, "data_transfers"), 300);
 }
 
@@ -169,7 +213,10 @@ fn stored(dir: &Path) -> Vec<(Value, Vec<u8>)> {
 }
 
 fn body_of(eml: &[u8]) -> &[u8] {
-    let pos = eml.windows(4).position(|w| w == b"\r\n\r\n").expect("header/body separator");
+    let pos = eml
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("header/body separator");
     &eml[pos + 4..]
 }
 
@@ -179,7 +226,16 @@ fn dot_stuffed_lines_arrive_intact() {
         let tmp = tempfile::tempdir().unwrap();
         let store = tmp.path().join("store");
         let mut sink = start_sink(&["--store", store.to_str().unwrap()]);
-        let mut args = vec!["--connections", "1", "--messages", "5", "--size", "3k", "--from", "sender@src.test"];
+        let mut args = vec![
+            "--connections",
+            "1",
+            "--messages",
+            "5",
+            "--size",
+            "3k",
+            "--from",
+            "sender@src.test",
+        ];
         args.extend_from_slice(transfer);
         let r = send(sink.addr, &args);
         assert_eq!(u(&r, "accepted"), 5, "{r}");
@@ -208,7 +264,10 @@ fn dot_stuffed_lines_arrive_intact() {
             let text = String::from_utf8_lossy(body);
             let double = text.split("\r\n").filter(|l| l.starts_with("..")).count();
             assert_eq!(double, 2, "unstuffing left extra dots");
-            let single = text.split("\r\n").filter(|l| l.starts_with('.') && !l.starts_with("..")).count();
+            let single = text
+                .split("\r\n")
+                .filter(|l| l.starts_with('.') && !l.starts_with(".."))
+                .count();
             assert!(single >= 3, "dotted body lines lost: {single}");
             assert!(eml.ends_with(b"sent by sluice-load\r\n"));
             let mid = String::from_utf8_lossy(eml)
@@ -229,7 +288,9 @@ fn fail_first_gives_451_then_accepts() {
     assert_eq!(u(&r, "rejected"), 5);
     assert_eq!(r["rejected_by_code"]["451"], 5);
     assert_eq!(u(&r, "errors"), 0);
-    let s = sink.wait_stats("15 messages", |s| s["messages"] == 15 && s["connections_current"] == 0);
+    let s = sink.wait_stats("15 messages", |s| {
+        s["messages"] == 15 && s["connections_current"] == 0
+    });
     assert_eq!(u(&s, "fail_first_used"), 5);
     assert_eq!(u(&s, "messages_rejected"), 5);
 }
@@ -250,10 +311,15 @@ fn configured_refusals_are_classified_by_code() {
         args.extend_from_slice(send_flags);
         let r = send(sink.addr, &args);
         assert_eq!(u(&r, "accepted"), 0, "{sink_flags:?} {send_flags:?}: {r}");
-        assert_eq!(r["rejected_by_code"][*code], 10, "{sink_flags:?} {send_flags:?}: {r}");
+        assert_eq!(
+            r["rejected_by_code"][*code], 10,
+            "{sink_flags:?} {send_flags:?}: {r}"
+        );
         assert_eq!(u(&r, "rcpt_rejected"), 10 * rr);
         assert_eq!(u(&r, "errors"), 0, "{r}");
-        let s = sink.wait_stats("idle", |s| s["connections_current"] == 0 && s["connections_total"] == 2);
+        let s = sink.wait_stats("idle", |s| {
+            s["connections_current"] == 0 && s["connections_total"] == r["connections_opened"]
+        });
         assert_eq!(u(&s, "messages"), 0);
         assert_eq!(u(&s, "connection_errors"), 0, "{s}");
     }
@@ -271,15 +337,41 @@ fn pipelining_modes() {
     ];
     for (sink_flags, mode, pipelined) in cases {
         let mut sink = start_sink(sink_flags);
-        let r = send(sink.addr, &["--connections", "3", "--messages", "60", "--recipients", "3", "--pipelining", mode]);
+        let r = send(
+            sink.addr,
+            &[
+                "--connections",
+                "3",
+                "--messages",
+                "60",
+                "--recipients",
+                "3",
+                "--pipelining",
+                mode,
+            ],
+        );
         assert_eq!(u(&r, "accepted"), 60, "{mode}: {r}");
         assert_eq!(u(&r, "errors"), 0);
-        let want = if *pipelined { 3 } else { 0 };
-        assert_eq!(u(&r, "pipelined_connections"), want, "{sink_flags:?} {mode}");
-        let s = sink.wait_stats("60 messages", |s| s["messages"] == 60 && s["connections_current"] == 0);
+        let want = if *pipelined {
+            u(&r, "connections_opened")
+        } else {
+            0
+        };
+        assert_eq!(
+            u(&r, "pipelined_connections"),
+            want,
+            "{sink_flags:?} {mode}"
+        );
+        let s = sink.wait_stats("60 messages", |s| {
+            s["messages"] == 60 && s["connections_current"] == 0
+        });
         assert_eq!(u(&s, "recipients"), 180);
         // Seen from the server side: commands arrived before earlier replies were sent.
-        assert_eq!(u(&s, "pipelined_commands") > 0, *pipelined, "{sink_flags:?} {mode}: {s}");
+        assert_eq!(
+            u(&s, "pipelined_commands") > 0,
+            *pipelined,
+            "{sink_flags:?} {mode}: {s}"
+        );
     }
 }
 
@@ -289,7 +381,19 @@ fn bdat_path() {
         let mut sink = start_sink(&[]);
         let r = send(
             sink.addr,
-            &["--connections", "2", "--messages", "40", "--size", "10k", "--chunking", "--chunk-size", "3k", "--pipelining", mode],
+            &[
+                "--connections",
+                "2",
+                "--messages",
+                "40",
+                "--size",
+                "10k",
+                "--chunking",
+                "--chunk-size",
+                "3k",
+                "--pipelining",
+                mode,
+            ],
         );
         assert_eq!(u(&r, "accepted"), 40, "{mode}: {r}");
         assert_eq!(u(&r, "chunked_messages"), 40);
@@ -301,7 +405,10 @@ fn bdat_path() {
     }
     // CHUNKING not offered: --chunking falls back to DATA.
     let mut sink = start_sink(&["--no-chunking"]);
-    let r = send(sink.addr, &["--connections", "1", "--messages", "5", "--chunking"]);
+    let r = send(
+        sink.addr,
+        &["--connections", "1", "--messages", "5", "--chunking"],
+    );
     assert_eq!(u(&r, "accepted"), 5);
     assert_eq!(u(&r, "chunked_messages"), 0);
     let s = sink.wait_stats("5 messages", |s| s["messages"] == 5);
@@ -315,7 +422,16 @@ fn ids_file_records_queue_ids() {
     let ids = tmp.path().join("ids.tsv");
     let r = send(
         sink.addr,
-        &["--connections", "3", "--messages", "50", "--messages-per-connection", "7", "--ids-file", ids.to_str().unwrap()],
+        &[
+            "--connections",
+            "3",
+            "--messages",
+            "50",
+            "--messages-per-connection",
+            "7",
+            "--ids-file",
+            ids.to_str().unwrap(),
+        ],
     );
     assert_eq!(u(&r, "accepted"), 50);
     assert_eq!(u(&r, "queue_ids_captured"), 50);
@@ -331,7 +447,9 @@ fn ids_file_records_queue_ids() {
         assert!(mids.insert(m.to_string()));
     }
     assert_eq!(qids.len(), 50);
-    let s = sink.wait_stats("connections", |s| s["connections_current"] == 0 && s["messages"] == 50);
+    let s = sink.wait_stats("connections", |s| {
+        s["connections_current"] == 0 && s["messages"] == 50
+    });
     assert_eq!(u(&s, "connections_total"), u(&r, "connections_opened"));
 }
 
@@ -342,7 +460,18 @@ fn idle_holds_connections() {
     let ready = tmp.path().join("idle-ready");
     let target = sink.addr.to_string();
     let child = Command::new(BIN)
-        .args(["idle", "--json", "--connections", "200", "--hold", "300s", "--batch", "50", "--target", &target])
+        .args([
+            "idle",
+            "--json",
+            "--connections",
+            "200",
+            "--hold",
+            "300s",
+            "--batch",
+            "50",
+            "--target",
+            &target,
+        ])
         .arg("--ready-file")
         .arg(&ready)
         .stdin(Stdio::piped())
@@ -360,7 +489,12 @@ fn idle_holds_connections() {
     // Closing stdin ends the hold early: QUIT all, report, exit.
     drop(idle.0.stdin.take());
     let mut out = String::new();
-    idle.0.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    idle.0
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
     let st = idle.0.wait().unwrap();
     assert!(st.success());
     let rep: Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"));
@@ -369,19 +503,32 @@ fn idle_holds_connections() {
     assert_eq!(rep["quit_ok"], 200);
     assert_eq!(rep["failed"], 0);
     assert_eq!(rep["hold_ended_by"], "stdin-closed");
-    sink.wait_stats("all closed", |s| s["connections_current"] == 0 && s["connections_total"] == 200);
+    sink.wait_stats("all closed", |s| {
+        s["connections_current"] == 0 && s["connections_total"] == 200
+    });
 }
 
 #[test]
 fn sink_max_connections_refuses_excess() {
     let mut sink = start_sink(&["--max-connections", "5"]);
     let target = sink.addr.to_string();
-    let out = run(&["idle", "--json", "--connections", "12", "--hold", "0s", "--target", &target]);
+    let out = run(&[
+        "idle",
+        "--json",
+        "--connections",
+        "12",
+        "--hold",
+        "0s",
+        "--target",
+        &target,
+    ]);
     assert!(out.status.success());
     let rep: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(rep["established"], 5, "{rep}");
     assert_eq!(rep["failed"], 7, "{rep}");
-    let s = sink.wait_stats("refusals", |s| s["connections_refused"] == 7 && s["connections_current"] == 0);
+    let s = sink.wait_stats("refusals", |s| {
+        s["connections_refused"] == 7 && s["connections_current"] == 0
+    });
     assert_eq!(u(&s, "connections_peak"), 5);
 }
 
@@ -390,10 +537,16 @@ fn sink_writes_stats_on_sigterm() {
     let mut sink = start_sink(&[]);
     let r = send(sink.addr, &["--connections", "1", "--messages", "3"]);
     assert_eq!(u(&r, "accepted"), 3);
-    sink.wait_stats("3 messages", |s| s["messages"] == 3 && s["connections_current"] == 0);
+    sink.wait_stats("3 messages", |s| {
+        s["messages"] == 3 && s["connections_current"] == 0
+    });
     fs::remove_file(&sink.stats).unwrap();
     let pid = sink.proc.0.id().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
     let st = sink.proc.0.wait().unwrap();
     assert!(st.success(), "{st}");
     let s = sink.stats().expect("stats rewritten on SIGTERM");
@@ -409,11 +562,23 @@ fn refuses_non_loopback_and_honours_duration_limit() {
     ] {
         let out = run(args);
         assert!(!out.status.success(), "{args:?} must be refused");
-        assert!(String::from_utf8_lossy(&out.stderr).contains("loopback"), "{args:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("loopback"),
+            "{args:?}"
+        );
     }
     let sink = start_sink(&[]);
     let target = sink.addr.to_string();
-    let out = run(&["send", "--json", "--target", &target, "--messages", "100", "--duration-limit", "0s"]);
+    let out = run(&[
+        "send",
+        "--json",
+        "--target",
+        &target,
+        "--messages",
+        "100",
+        "--duration-limit",
+        "0s",
+    ]);
     let r: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(r["attempted"], 0, "{r}");
     assert_eq!(r["stopped_by_duration_limit"], true);
