@@ -135,6 +135,8 @@ fn write_stats(path: &Path, s: &SinkStats) -> io::Result<()> {
 
 /// Runs the sink until SIGTERM/SIGINT (then writes final stats and exits the process).
 pub fn run(cfg: SinkConfig) -> io::Result<()> {
+    // One descriptor per connection plus store/stats files: make room up front.
+    let _ = crate::sys::raise_nofile(2 * cfg.max_connections as u64 + 64);
     let listener = TcpListener::bind(cfg.listen)?;
     let local = listener.local_addr()?;
     let shared = Arc::new(Shared {
@@ -418,7 +420,8 @@ fn handle(stream: TcpStream, shared: &Shared) -> io::Result<()> {
     stream.set_read_timeout(Some(cfg.idle_timeout))?;
     stream.set_write_timeout(Some(cfg.idle_timeout))?;
     let _ = stream.set_nodelay(true);
-    let mut reader = BufReader::with_capacity(64 * 1024, stream.try_clone()?);
+    // Read through a shared reference: no try_clone, so one descriptor per connection.
+    let mut reader = BufReader::with_capacity(64 * 1024, &stream);
     let mut s = Session {
         shared,
         helo: None,
