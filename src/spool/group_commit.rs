@@ -152,7 +152,9 @@ impl GroupCommit {
         self.max_batch.set(self.max_batch.get().max(batch));
         match &result {
             Ok(()) => tracing::debug!(shard = %self.shard_label, batch, secs, "spool flush"),
-            Err(e) => tracing::warn!(shard = %self.shard_label, batch, error = %e, "spool flush failed"),
+            Err(e) => {
+                tracing::warn!(shard = %self.shard_label, batch, error = %e, "spool flush failed")
+            }
         }
         guard.finish(Outcome::Done(result.clone()));
         result
@@ -204,5 +206,100 @@ impl Future for Wait<'_> {
         // Drained on every wake, so spurious polls cannot grow it for long.
         self.slot.waiters.borrow_mut().push(cx.waker().clone());
         Poll::Pending
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_lite::future::{block_on, poll_once};
+    use std::rc::Rc;
+
+    /// A flush that stays pending until the test sets its result.
+    fn gated(
+        gate: &Rc<RefCell<Option<Result<usize, sled::Error>>>>,
+    ) -> impl Future<Output = Result<usize, sled::Error>> {
+        let gate = gate.clone();
+        std::future::poll_fn(move |_| match gate.borrow_mut().take() {
+            Some(r) => Poll::Ready(r),
+            None => Poll::Pending,
+        })
+    }
+
+    #[test]
+    fn writer_joining_during_a_flush_needs_the_next_flush() {
+        block_on(async {
+            let gc = GroupCommit::new(0);
+            let gate = Rc::new(RefCell::new(None));
+            let mut a = Box::pin(gc.commit(|| gated(&gate)));
+            assert!(poll_once(&mut a).await.is_none(), "a leads, flush pending");
+            // b and c write while a's flush is in flight.
+            let b_called = Cell::new(false);
+            let mut b = Box::pin(gc.commit(|| {
+                b_called.set(true);
+                async { Ok(0) }
+            }));
+            let mut c = Box::pin(gc.commit(|| async { Ok(0) }));
+            assert!(poll_once(&mut b).await.is_none());
+            assert!(poll_once(&mut c).await.is_none());
+            *gate.borrow_mut() = Some(Ok(1));
+            assert!(matches!(poll_once(&mut a).await, Some(Ok(()))));
+            // a's flush started before b/c wrote: it must not release them.
+            assert_eq!(gc.flush_count(), 1);
+            assert!(
+                matches!(poll_once(&mut b).await, Some(Ok(()))),
+                "b leads flush 2"
+            );
+            assert!(b_called.get());
+            assert!(
+                matches!(poll_once(&mut c).await, Some(Ok(()))),
+                "c covered by flush 2"
+            );
+            assert_eq!(
+                (gc.flush_count(), gc.covered_writes(), gc.max_batch()),
+                (2, 3, 2)
+            );
+        });
+    }
+
+    #[test]
+    fn flush_error_reaches_every_covered_writer() {
+        block_on(async {
+            let gc = GroupCommit::new(0);
+            let gate = Rc::new(RefCell::new(None));
+            let mut a = Box::pin(gc.commit(|| gated(&gate)));
+            assert!(poll_once(&mut a).await.is_none());
+            // b and c both wait for the next flush, which b will lead.
+            let mut b = Box::pin(gc.commit(|| gated(&gate)));
+            let mut c = Box::pin(gc.commit(|| async { Ok(0) }));
+            assert!(poll_once(&mut b).await.is_none());
+            assert!(poll_once(&mut c).await.is_none());
+            *gate.borrow_mut() = Some(Ok(1));
+            assert!(matches!(poll_once(&mut a).await, Some(Ok(()))));
+            assert!(poll_once(&mut b).await.is_none(), "b's flush pending");
+            assert!(poll_once(&mut c).await.is_none(), "c waits for b's flush");
+            *gate.borrow_mut() = Some(Err(sled::Error::Io(std::io::Error::other("ENOSPC"))));
+            assert!(matches!(poll_once(&mut b).await, Some(Err(_))));
+            assert!(
+                matches!(poll_once(&mut c).await, Some(Err(_))),
+                "c shares b's failure"
+            );
+            assert_eq!(gc.flush_count(), 2);
+        });
+    }
+
+    #[test]
+    fn dropped_leader_does_not_strand_waiters() {
+        block_on(async {
+            let gc = GroupCommit::new(0);
+            let mut a = Box::pin(gc.commit(|| std::future::pending()));
+            assert!(poll_once(&mut a).await.is_none());
+            let mut b = Box::pin(gc.commit(|| async { Ok(0) }));
+            assert!(poll_once(&mut b).await.is_none());
+            drop(a);
+            // b cannot know whether a's flush covered it, so it flushes itself.
+            assert!(matches!(poll_once(&mut b).await, Some(Ok(()))));
+            assert_eq!(gc.flush_count(), 1);
+        });
     }
 }

@@ -132,9 +132,8 @@ impl FromStr for SpoolId {
         }
         let mut v: u64 = 0;
         for (i, &b) in bytes.iter().enumerate() {
-            let d = decode_char(b).ok_or_else(|| {
-                ParseSpoolIdError::Char(s[i..].chars().next().unwrap_or('?'))
-            })?;
+            let d = decode_char(b)
+                .ok_or_else(|| ParseSpoolIdError::Char(s[i..].chars().next().unwrap_or('?')))?;
             if i == 0 && d > 15 {
                 return Err(ParseSpoolIdError::Overflow);
             }

@@ -203,7 +203,13 @@ impl Spool {
             .db
             .tree_names()
             .iter()
-            .filter_map(|n| std::str::from_utf8(n).ok()?.strip_prefix(TREE_PREFIX)?.parse().ok())
+            .filter_map(|n| {
+                std::str::from_utf8(n)
+                    .ok()?
+                    .strip_prefix(TREE_PREFIX)?
+                    .parse()
+                    .ok()
+            })
             .collect();
         shards.sort_unstable();
         Ok(shards)
@@ -353,14 +359,14 @@ impl Partition {
         let Some(envelope) = self.load_envelope(id)? else {
             return Ok(None);
         };
-        let body = self
-            .inner
-            .tree
-            .get(key(BODY_PREFIX, id))?
-            .ok_or_else(|| SpoolError::Corrupt {
-                what: "body".into(),
-                reason: format!("message {id} has an envelope but no body"),
-            })?;
+        let body =
+            self.inner
+                .tree
+                .get(key(BODY_PREFIX, id))?
+                .ok_or_else(|| SpoolError::Corrupt {
+                    what: "body".into(),
+                    reason: format!("message {id} has an envelope but no body"),
+                })?;
         Ok(Some((envelope, body.to_vec())))
     }
 

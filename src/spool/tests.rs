@@ -94,7 +94,9 @@ fn id_text_round_trip_and_order() {
         let id = SpoolId::from_u64(raw);
         let text = id.to_string();
         assert_eq!(text.len(), ID_TEXT_LEN, "{text}");
-        assert!(text.bytes().all(|b| b.is_ascii_digit() || b.is_ascii_uppercase()));
+        assert!(text
+            .bytes()
+            .all(|b| b.is_ascii_digit() || b.is_ascii_uppercase()));
         assert_eq!(text.parse::<SpoolId>(), Ok(id), "{text}");
         assert_eq!(text.to_ascii_lowercase().parse::<SpoolId>(), Ok(id));
     }
@@ -209,7 +211,9 @@ fn store_load_update_remove_enumerate() {
         let ids: Vec<SpoolId> = (0..5).map(|i| g.next(ms(1_000 + i))).collect();
         for (i, &id) in ids.iter().enumerate() {
             let body = body_for(id, 100 + i * 1000);
-            p.store(&envelope(id, body.len() as u64), &body).await.unwrap();
+            p.store(&envelope(id, body.len() as u64), &body)
+                .await
+                .unwrap();
         }
         assert_eq!(p.len(), 5);
         for (i, &id) in ids.iter().enumerate() {
@@ -253,7 +257,12 @@ fn store_load_update_remove_enumerate() {
         assert_eq!(spool.count().unwrap(), 4);
         assert_eq!(spool.max_id().unwrap(), Some(ids[4]));
         assert_eq!(
-            spool.list(2).unwrap().iter().map(|e| e.id).collect::<Vec<_>>(),
+            spool
+                .list(2)
+                .unwrap()
+                .iter()
+                .map(|e| e.id)
+                .collect::<Vec<_>>(),
             vec![ids[0], ids[1]]
         );
     });
@@ -284,7 +293,10 @@ fn concurrent_stores_share_flushes() {
         assert_eq!(p.len(), n as usize);
         (n, p.flush_count(), p.flushed_writes(), p.max_flush_batch())
     });
-    assert_eq!(covered, stores, "every store is covered by exactly one flush");
+    assert_eq!(
+        covered, stores,
+        "every store is covered by exactly one flush"
+    );
     assert!(
         flushes < stores && max_batch > 1,
         "{flushes} flushes for {stores} stores, max batch {max_batch}"
@@ -343,7 +355,10 @@ fn reopen_sees_everything_and_partitions_of_gone_shards() {
 fn errors_map_to_transient_storage_reply() {
     let e = SpoolError::Storage(sled::Error::Io(std::io::Error::other("disk full")));
     let r = e.reply();
-    assert_eq!((r.code(), r.enhanced()), (452, Some(EnhancedCode::new(4, 3, 1))));
+    assert_eq!(
+        (r.code(), r.enhanced()),
+        (452, Some(EnhancedCode::new(4, 3, 1)))
+    );
     assert!(r.is_transient());
     let c = SpoolError::Corrupt {
         what: "x".into(),
@@ -358,7 +373,12 @@ const CHILD_DIR: &str = "SLUICE_SPOOL_TEST_CHILD_DIR";
 const CHILD_BODY: &str = "SLUICE_SPOOL_TEST_CHILD_BODY";
 
 /// Spawns this test binary running only `test`, with the child env set.
-fn spawn_child(test: &str, dir: &Path, body: usize, shell_prefix: Option<&str>) -> std::process::Child {
+fn spawn_child(
+    test: &str,
+    dir: &Path,
+    body: usize,
+    shell_prefix: Option<&str>,
+) -> std::process::Child {
     let exe = std::env::current_exe().unwrap();
     let args = [test, "--exact", "--nocapture", "--test-threads=1"];
     let mut cmd = match shell_prefix {
@@ -404,7 +424,10 @@ fn child_store_forever() {
             }
         };
         let p = spool.partition(0).unwrap();
-        let g = Rc::new(std::cell::RefCell::new(SpoolIdGenerator::new(0, spool.max_id().unwrap())));
+        let g = Rc::new(std::cell::RefCell::new(SpoolIdGenerator::new(
+            0,
+            spool.max_id().unwrap(),
+        )));
         let failed = Rc::new(Cell::new(false));
         let tasks: Vec<_> = (0..16)
             .map(|_| {
@@ -464,7 +487,12 @@ fn acknowledged_stores_survive_sigkill() {
     let body_len = 4096;
     let mut all = Vec::new();
     for round in 0..3 {
-        let mut child = spawn_child("spool::tests::child_store_forever", dir.path(), body_len, None);
+        let mut child = spawn_child(
+            "spool::tests::child_store_forever",
+            dir.path(),
+            body_len,
+            None,
+        );
         let stdout = BufReader::new(child.stdout.take().unwrap());
         let kill_after = 150 + round * 97;
         let mut acked = Vec::new();
@@ -482,7 +510,10 @@ fn acknowledged_stores_survive_sigkill() {
             }
         }
         child.wait().unwrap();
-        assert!(killed && acked.len() >= kill_after, "round {round}: child ended early");
+        assert!(
+            killed && acked.len() >= kill_after,
+            "round {round}: child ended early"
+        );
         verify_loadable(dir.path(), &acked, body_len);
         all.extend(acked);
     }
