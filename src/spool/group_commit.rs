@@ -292,7 +292,7 @@ mod tests {
     fn dropped_leader_does_not_strand_waiters() {
         block_on(async {
             let gc = GroupCommit::new(0);
-            let mut a = Box::pin(gc.commit(|| std::future::pending()));
+            let mut a = Box::pin(gc.commit(std::future::pending));
             assert!(poll_once(&mut a).await.is_none());
             let mut b = Box::pin(gc.commit(|| async { Ok(0) }));
             assert!(poll_once(&mut b).await.is_none());
