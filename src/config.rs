@@ -107,6 +107,9 @@ pub struct ServerConfig {
     pub io_memory: usize,
     /// Seconds in-flight transactions get to finish after SIGTERM.
     pub shutdown_grace: u64,
+    /// Milliseconds to hold the greeting; a client that talks first is
+    /// disconnected as an early talker. 0 greets at once.
+    pub greeting_delay_ms: u64,
 }
 
 impl Default for ServerConfig {
@@ -127,6 +130,7 @@ impl Default for ServerConfig {
             read_buffer_size: 64 * 1024,
             io_memory: 1024 * 1024,
             shutdown_grace: 30,
+            greeting_delay_ms: 0,
         }
     }
 }

@@ -37,8 +37,6 @@ pub const BYTES_RECEIVED: &str = "sluice_bytes_received_total";
 pub const MESSAGE_SIZE: &str = "sluice_message_size_bytes";
 /// Time from end of DATA to the durable store (histogram, seconds).
 pub const STORE_LATENCY: &str = "sluice_store_seconds";
-/// Messages in the spool (gauge).
-pub const SPOOLED_MESSAGES: &str = "sluice_spooled_messages";
 
 /// Installs the global Prometheus recorder and returns the handle used to
 /// render it. Histograms ending in `_seconds` get latency buckets (the spool's
@@ -84,8 +82,6 @@ pub struct ShardMetrics {
     pub message_size: Histogram,
     /// See [`STORE_LATENCY`].
     pub store_latency: Histogram,
-    /// See [`SPOOLED_MESSAGES`].
-    pub spooled_messages: Gauge,
     /// See [`SESSIONS_TIMED_OUT`].
     pub sessions_timed_out: Counter,
 }
@@ -104,7 +100,6 @@ impl ShardMetrics {
             bytes_received: counter!(BYTES_RECEIVED, "shard" => s.clone()),
             message_size: histogram!(MESSAGE_SIZE),
             store_latency: histogram!(STORE_LATENCY),
-            spooled_messages: gauge!(SPOOLED_MESSAGES),
             sessions_timed_out: counter!(SESSIONS_TIMED_OUT, "shard" => s.clone()),
             shard: s,
         }

@@ -77,6 +77,7 @@ fn session_config(config: &Config) -> SessionConfig {
         max_errors: s.max_errors,
         command_timeout: s.command_timeout(),
         data_timeout: s.data_timeout(),
+        greeting_delay: Duration::from_millis(s.greeting_delay_ms),
         ..SessionConfig::default()
     }
 }
@@ -167,9 +168,6 @@ pub fn serve(config: Config, options: ServeOptions) -> Result<(), StartupError> 
             Arc::new(move |limit| queue::render(&q, limit)),
         )
         .map_err(|e| StartupError(format!("cannot start admin thread: {e}")))?;
-        if let Ok(n) = spool.count() {
-            ::metrics::gauge!(crate::metrics::SPOOLED_MESSAGES).set(n as f64);
-        }
         Some(bound)
     } else {
         None

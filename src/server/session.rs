@@ -14,8 +14,8 @@ use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 
 use super::api::{
-    Envelope, Event, IncomingMessage, MailFrom, PeerInfo, RcptTo, Recipient, RecipientState,
-    ReversePath, Session, SpoolId, Stage,
+    BodyType, Envelope, Event, ForwardPath, IncomingMessage, MailFrom, PeerInfo, RcptTo,
+    Recipient, RecipientState, Ret, ReversePath, Session, SpoolId, Stage,
 };
 use super::date;
 use super::shard::ShardCtx;
@@ -212,11 +212,10 @@ async fn store(ctx: &Rc<ShardCtx>, msg: &IncomingMessage) -> Result<String, Repl
     let mut body = Vec::with_capacity(received.len() + msg.body.len());
     body.extend_from_slice(received.as_bytes());
     body.extend_from_slice(&msg.body);
-    let envelope = envelope(id, msg, now_ms, body.len() as u64);
+    let envelope = envelope(id, msg, now_ms, body.len() as u64, &ctx.hostname);
     match ctx.partition.store(&envelope, &body).await {
         Ok(()) => {
             ctx.metrics.messages_accepted.increment(1);
-            ctx.metrics.spooled_messages.increment(1.0);
             ctx.metrics.message_size.record(body.len() as f64);
             ctx.metrics
                 .store_latency
@@ -232,30 +231,35 @@ async fn store(ctx: &Rc<ShardCtx>, msg: &IncomingMessage) -> Result<String, Repl
     }
 }
 
-/// The spool's view of an accepted message.
-fn envelope(id: SpoolId, msg: &IncomingMessage, now_ms: u64, size: u64) -> Envelope {
+/// The spool's view of an accepted message. Addresses are stored exactly as
+/// the client gave them (no `%`, `!` or source-route interpretation).
+fn envelope(id: SpoolId, msg: &IncomingMessage, now_ms: u64, size: u64, host: &str) -> Envelope {
     let mail: &MailFrom = &msg.mail;
     Envelope {
         id,
-        sender: match &mail.sender {
+        sender: match &mail.from {
             ReversePath::Null => String::new(),
-            ReversePath::Mailbox(m) => m.to_string(),
+            ReversePath::Address(a) => a.to_string(),
         },
         recipients: msg
             .recipients
             .iter()
-            .map(|r| Recipient {
-                address: r.recipient.to_string(),
-                notify: r.notify.clone(),
-                orcpt: r.orcpt.clone(),
+            .map(|r: &RcptTo| Recipient {
+                address: match &r.to {
+                    ForwardPath::Address(a) => a.to_string(),
+                    // RFC 5321 4.5.1: <Postmaster> means ours.
+                    ForwardPath::Postmaster => format!("postmaster@{host}"),
+                },
+                notify: r.notify.map(|n| n.to_string()),
+                orcpt: r.orcpt.as_ref().map(|o| format!("{};{}", o.addr_type, o.address)),
                 state: RecipientState::Pending,
             })
             .collect(),
         received_at_ms: now_ms,
         size,
-        body_8bit: mail.body_8bit,
+        body_8bit: matches!(mail.body, Some(BodyType::EightBitMime | BodyType::BinaryMime)),
         smtputf8: mail.smtputf8,
-        ret_full: mail.ret_full,
+        ret_full: mail.ret.map(|r| matches!(r, Ret::Full)),
         envid: mail.envid.clone(),
         client_ip: Some(msg.peer.ip().to_string()),
         helo: Some(msg.helo.clone()),
@@ -263,14 +267,7 @@ fn envelope(id: SpoolId, msg: &IncomingMessage, now_ms: u64, size: u64) -> Envel
 }
 
 fn stage_label(stage: Stage) -> &'static str {
-    match stage {
-        Stage::Connect => "connect",
-        Stage::Helo => "helo",
-        Stage::Mail => "mail",
-        Stage::Rcpt => "rcpt",
-        Stage::Data => "data",
-        Stage::Other => "other",
-    }
+    stage.as_str()
 }
 
 /// Writes everything unless the client stops reading past `deadline`.
