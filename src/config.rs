@@ -196,10 +196,7 @@ impl RelayConfig {
     /// dual-stack `[::]` listener) are checked as the IPv4 address they are.
     pub fn allows(&self, ip: std::net::IpAddr) -> bool {
         let ip = match ip {
-            std::net::IpAddr::V6(v6) => v6
-                .to_ipv4_mapped()
-                .map(std::net::IpAddr::V4)
-                .unwrap_or(ip),
+            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map(std::net::IpAddr::V4).unwrap_or(ip),
             v4 => v4,
         };
         self.allow_networks.iter().any(|n| n.contains(&ip))

@@ -37,7 +37,10 @@ fn full_transaction_with_received_header_and_queue_id() {
     assert!(body.starts_with("Received: from client.test"), "{body}");
     assert!(body.contains(&format!("id {id}")), "{body}");
     assert!(body.contains("by mx.test"), "{body}");
-    assert!(body.ends_with("Subject: hello\r\n\r\nbody line\r\n"), "{body}");
+    assert!(
+        body.ends_with("Subject: hello\r\n\r\nbody line\r\n"),
+        "{body}"
+    );
     assert_eq!(env.size, body.len() as u64);
     assert_eq!(env.client_ip.as_deref(), Some("127.0.0.1"));
 }
@@ -60,7 +63,11 @@ fn pipelined_transactions_get_replies_in_order() {
             let r = c.reply();
             assert!(r.starts_with(want), "{want}: {r:?}");
         }
-        let next = if i == 0 { group(1) } else { "QUIT\r\n".to_owned() };
+        let next = if i == 0 {
+            group(1)
+        } else {
+            "QUIT\r\n".to_owned()
+        };
         c.send(&format!("Subject: {i}\r\n\r\nx\r\n.\r\n{next}"));
         ids.push(queued_id(&c.reply()));
     }
@@ -135,7 +142,11 @@ fn connection_limits_answer_421() {
     let dir = tempdir();
     let server = Server::start(
         dir.path(),
-        &config(dir.path(), "max_connections = 3\nmax_connections_per_ip = 2", ""),
+        &config(
+            dir.path(),
+            "max_connections = 3\nmax_connections_per_ip = 2",
+            "",
+        ),
     );
     let mut a = server.client();
     a.hello();
@@ -166,7 +177,11 @@ fn total_connection_limit() {
     let dir = tempdir();
     let server = Server::start(
         dir.path(),
-        &config(dir.path(), "max_connections = 1\nmax_connections_per_ip = 10", ""),
+        &config(
+            dir.path(),
+            "max_connections = 1\nmax_connections_per_ip = 10",
+            "",
+        ),
     );
     let mut a = server.client();
     a.hello();
@@ -217,7 +232,8 @@ fn trickling_client_hits_session_deadline() {
     // timeout, so only the total session deadline can end this. The 100 ms
     // pacing is the client behaviour under test (a read timeout, not a sleep).
     let mut s = c.stream.try_clone().unwrap();
-    s.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
     let started = Instant::now();
     let mut got = Vec::new();
     let line = b"NOOP\r\n";
@@ -231,8 +247,9 @@ fn trickling_client_hits_session_deadline() {
         match s.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => got.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
-                || e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut => {}
             Err(_) => break,
         }
         if got.windows(9).any(|w| w == b"421 4.4.2") {
@@ -241,9 +258,15 @@ fn trickling_client_hits_session_deadline() {
     }
     let text = String::from_utf8_lossy(&got);
     assert!(text.contains("421 4.4.2"), "{text}");
-    assert!(text.matches("250 ").count() >= 2, "NOOPs were answered: {text}");
+    assert!(
+        text.matches("250 ").count() >= 2,
+        "NOOPs were answered: {text}"
+    );
     let elapsed = started.elapsed();
-    assert!(elapsed >= Duration::from_millis(1500) && elapsed < Duration::from_secs(10), "{elapsed:?}");
+    assert!(
+        elapsed >= Duration::from_millis(1500) && elapsed < Duration::from_secs(10),
+        "{elapsed:?}"
+    );
     let m = server.http("/metrics");
     assert!(m.contains("sluice_sessions_timed_out_total{shard="), "{m}");
 }
@@ -253,7 +276,11 @@ fn size_and_recipient_limits() {
     let dir = tempdir();
     let server = Server::start(
         dir.path(),
-        &config(dir.path(), "max_message_size = 1000\nmax_recipients = 2", ""),
+        &config(
+            dir.path(),
+            "max_message_size = 1000\nmax_recipients = 2",
+            "",
+        ),
     );
     let mut c = server.client();
     c.hello();
@@ -370,16 +397,31 @@ fn check_config_good_and_bad() {
          [[route]]\ndomain = \"example.test\"\nhosts = [\"127.0.0.2:2526\"]\n",
     )
     .unwrap();
-    let out = Command::new(BIN).arg("check-config").arg(&good).output().unwrap();
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .arg(&good)
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{out:?}");
     let text = String::from_utf8(out.stdout).unwrap();
-    for want in ["shards = 3", "max_recipients = 5", "command_timeout = 300", "example.test"] {
+    for want in [
+        "shards = 3",
+        "max_recipients = 5",
+        "command_timeout = 300",
+        "example.test",
+    ] {
         assert!(text.contains(want), "{want}: {text}");
     }
     // The printed effective config is itself valid.
     let again = dir.path().join("again.toml");
     std::fs::write(&again, &text).unwrap();
-    assert!(Command::new(BIN).arg("check-config").arg(&again).output().unwrap().status.success());
+    assert!(Command::new(BIN)
+        .arg("check-config")
+        .arg(&again)
+        .output()
+        .unwrap()
+        .status
+        .success());
 
     for bad in [
         "[server]\nlisten = [\"127.0.0.1:99999\"]\n",
@@ -391,7 +433,11 @@ fn check_config_good_and_bad() {
     ] {
         let f = dir.path().join("bad.toml");
         std::fs::write(&f, bad).unwrap();
-        let out = Command::new(BIN).arg("check-config").arg(&f).output().unwrap();
+        let out = Command::new(BIN)
+            .arg("check-config")
+            .arg(&f)
+            .output()
+            .unwrap();
         assert!(!out.status.success(), "{bad}");
         let err = String::from_utf8(out.stderr).unwrap();
         assert_eq!(err.lines().count(), 1, "{bad}: {err}");

@@ -95,8 +95,8 @@ fn probe_listen(addr: SocketAddr) -> Result<(SocketAddr, Option<socket2::Socket>
         std::net::TcpListener::bind(addr).map_err(err)?;
         return Ok((addr, None));
     }
-    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
-        .map_err(err)?;
+    let sock =
+        Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(err)?;
     sock.set_reuse_port(true).map_err(err)?;
     sock.bind(&addr.into()).map_err(err)?;
     let bound = sock
@@ -143,11 +143,17 @@ pub fn serve(config: Config, options: ServeOptions) -> Result<(), StartupError> 
 
     let spool_path = &config.spool.path;
     let spool = Spool::open(spool_path).map_err(|e| {
-        StartupError(format!("cannot open spool at {}: {e}", spool_path.display()))
+        StartupError(format!(
+            "cannot open spool at {}: {e}",
+            spool_path.display()
+        ))
     })?;
-    let not_before = spool
-        .max_id()
-        .map_err(|e| StartupError(format!("cannot read spool at {}: {e}", spool_path.display())))?;
+    let not_before = spool.max_id().map_err(|e| {
+        StartupError(format!(
+            "cannot read spool at {}: {e}",
+            spool_path.display()
+        ))
+    })?;
 
     let metrics_addr = if config.metrics.enabled {
         let listener = std::net::TcpListener::bind(config.metrics.listen).map_err(|e| {
@@ -278,7 +284,10 @@ pub fn serve(config: Config, options: ServeOptions) -> Result<(), StartupError> 
 
     let mut signals = signals;
     if let Some(sig) = signals.forever().next() {
-        tracing::info!(signal = sig, "stopping: no new connections, draining sessions");
+        tracing::info!(
+            signal = sig,
+            "stopping: no new connections, draining sessions"
+        );
     }
     stop.store(true, Ordering::Release);
     for h in handles {
@@ -300,7 +309,10 @@ mod tests {
     #[test]
     fn shard_for_is_stable_and_case_insensitive() {
         // FNV-1a test vectors: "" -> offset basis, "a" -> 0xaf63dc4c8601ec8c.
-        assert_eq!(shard_for("", usize::MAX), 0xcbf2_9ce4_8422_2325 % usize::MAX);
+        assert_eq!(
+            shard_for("", usize::MAX),
+            0xcbf2_9ce4_8422_2325 % usize::MAX
+        );
         assert_eq!(
             shard_for("a", usize::MAX),
             (0xaf63_dc4c_8601_ec8c_u64 % usize::MAX as u64) as usize

@@ -31,7 +31,7 @@ pub fn render(spool: &Spool, limit: usize) -> Result<String, String> {
 
 /// `sluice queue` when no server runs: opens the spool directly.
 pub fn render_offline(path: &std::path::Path, limit: usize) -> Result<String, String> {
-    let spool = Spool::open(path)
-        .map_err(|e| format!("cannot open spool at {}: {e}", path.display()))?;
+    let spool =
+        Spool::open(path).map_err(|e| format!("cannot open spool at {}: {e}", path.display()))?;
     render(&spool, limit)
 }

@@ -14,8 +14,8 @@ use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 
 use super::api::{
-    BodyType, Envelope, Event, ForwardPath, IncomingMessage, MailFrom, PeerInfo, RcptTo,
-    Recipient, RecipientState, Ret, ReversePath, Session, SpoolId, Stage,
+    BodyType, Envelope, Event, ForwardPath, IncomingMessage, MailFrom, PeerInfo, RcptTo, Recipient,
+    RecipientState, Ret, ReversePath, Session, SpoolId, Stage,
 };
 use super::date;
 use super::shard::ShardCtx;
@@ -118,7 +118,12 @@ pub(crate) async fn drive(mut stream: TcpStream, peer: SocketAddr, ctx: Rc<Shard
     drain_events(&mut session, &mut stream, &mut out, &ctx, peer).await;
     session.write_output(&mut out);
     if !out.is_empty() {
-        write_all(&mut stream, &out, Instant::now() + ctx.session_config.command_timeout).await;
+        write_all(
+            &mut stream,
+            &out,
+            Instant::now() + ctx.session_config.command_timeout,
+        )
+        .await;
     }
     let _ = stream.close().await;
 }
@@ -251,13 +256,19 @@ fn envelope(id: SpoolId, msg: &IncomingMessage, now_ms: u64, size: u64, host: &s
                     ForwardPath::Postmaster => format!("postmaster@{host}"),
                 },
                 notify: r.notify.map(|n| n.to_string()),
-                orcpt: r.orcpt.as_ref().map(|o| format!("{};{}", o.addr_type, o.address)),
+                orcpt: r
+                    .orcpt
+                    .as_ref()
+                    .map(|o| format!("{};{}", o.addr_type, o.address)),
                 state: RecipientState::Pending,
             })
             .collect(),
         received_at_ms: now_ms,
         size,
-        body_8bit: matches!(mail.body, Some(BodyType::EightBitMime | BodyType::BinaryMime)),
+        body_8bit: matches!(
+            mail.body,
+            Some(BodyType::EightBitMime | BodyType::BinaryMime)
+        ),
         smtputf8: mail.smtputf8,
         ret_full: mail.ret.map(|r| matches!(r, Ret::Full)),
         envid: mail.envid.clone(),

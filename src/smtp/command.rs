@@ -388,7 +388,9 @@ fn parse_bdat(args: &str) -> Result<Command, CommandError> {
 
 fn parse_auth(args: &str) -> Result<Command, CommandError> {
     let mut words = args.split(' ').filter(|w| !w.is_empty());
-    let mech = words.next().ok_or(CommandError::InvalidArgument(SYN_AUTH))?;
+    let mech = words
+        .next()
+        .ok_or(CommandError::InvalidArgument(SYN_AUTH))?;
     // sasl-mech = 1*20(UPPER-ALPHA / DIGIT / "-" / "_"); lower case tolerated.
     if mech.len() > MAX_SASL_MECH_LEN
         || !mech

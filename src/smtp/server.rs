@@ -210,7 +210,11 @@ enum State {
     /// Reading a DATA body.
     Data(Box<DataScanner>),
     /// Reading a BDAT chunk of which `remaining` octets are still to come.
-    Bdat { remaining: u64, last: bool, chunk: u64 },
+    Bdat {
+        remaining: u64,
+        last: bool,
+        chunk: u64,
+    },
     /// Swallowing a BDAT chunk that has already failed; `reply` goes out when it ends.
     BdatDiscard { remaining: u64, reply: Reply },
     /// Waiting for the driver to store the message.
@@ -299,7 +303,13 @@ impl Session {
                     // RFC 5321 §3.1: the client waits for the greeting.
                     self.fatal(
                         Stage::Connect,
-                        reply!(554, 5, 5, 0, "Error: SMTP protocol violation: talked before greeting"),
+                        reply!(
+                            554,
+                            5,
+                            5,
+                            0,
+                            "Error: SMTP protocol violation: talked before greeting"
+                        ),
                     );
                     return input.len();
                 }
@@ -319,7 +329,8 @@ impl Session {
                     last,
                     chunk,
                 } => {
-                    let take = usize::try_from(*remaining).map_or(rest.len(), |r| r.min(rest.len()));
+                    let take =
+                        usize::try_from(*remaining).map_or(rest.len(), |r| r.min(rest.len()));
                     *remaining -= take as u64;
                     let (done, last, chunk) = (*remaining == 0, *last, *chunk);
                     let tx = self.tx.as_mut().expect("BDAT without transaction");
@@ -333,7 +344,8 @@ impl Session {
                     }
                 }
                 State::BdatDiscard { remaining, .. } => {
-                    let take = usize::try_from(*remaining).map_or(rest.len(), |r| r.min(rest.len()));
+                    let take =
+                        usize::try_from(*remaining).map_or(rest.len(), |r| r.min(rest.len()));
                     *remaining -= take as u64;
                     pos += take;
                     self.deadline = Some(now + self.config.data_timeout);
@@ -488,22 +500,37 @@ impl Session {
 
     fn mail(&mut self, mail: MailFrom) {
         if self.helo.is_none() {
-            return self.reject(Stage::Mail, reply!(503, 5, 5, 1, "Error: send HELO/EHLO first"));
+            return self.reject(
+                Stage::Mail,
+                reply!(503, 5, 5, 1, "Error: send HELO/EHLO first"),
+            );
         }
         if self.tx.is_some() {
-            return self.reject(Stage::Mail, reply!(503, 5, 5, 1, "Error: nested MAIL command"));
+            return self.reject(
+                Stage::Mail,
+                reply!(503, 5, 5, 1, "Error: nested MAIL command"),
+            );
         }
         if let Some(size) = mail.size {
             if size > self.config.max_message_size {
                 return self.reject(
                     Stage::Mail,
-                    reply!(552, 5, 3, 4, "Message size exceeds fixed maximum message size"),
+                    reply!(
+                        552,
+                        5,
+                        3,
+                        4,
+                        "Message size exceeds fixed maximum message size"
+                    ),
                 );
             }
         }
         if mail.body == Some(BodyType::BinaryMime) {
             // We do not advertise BINARYMIME (RFC 3030 §3).
-            return self.reject(Stage::Mail, reply!(555, 5, 5, 4, "BODY=BINARYMIME not supported"));
+            return self.reject(
+                Stage::Mail,
+                reply!(555, 5, 5, 4, "BODY=BINARYMIME not supported"),
+            );
         }
         self.tx = Some(Transaction {
             mail,
@@ -516,13 +543,19 @@ impl Session {
 
     fn rcpt(&mut self, rcpt: RcptTo) {
         let Some(tx) = &self.tx else {
-            return self.reject(Stage::Rcpt, reply!(503, 5, 5, 1, "Error: need MAIL command"));
+            return self.reject(
+                Stage::Rcpt,
+                reply!(503, 5, 5, 1, "Error: need MAIL command"),
+            );
         };
         if tx.bdat.is_some() {
             return self.reject(Stage::Rcpt, reply!(503, 5, 5, 1, "Error: RCPT after BDAT"));
         }
         if tx.recipients.len() >= self.config.max_recipients {
-            return self.reject(Stage::Rcpt, reply!(452, 4, 5, 3, "Error: too many recipients"));
+            return self.reject(
+                Stage::Rcpt,
+                reply!(452, 4, 5, 3, "Error: too many recipients"),
+            );
         }
         if let ForwardPath::Address(a) = &rcpt.to {
             if a.needs_smtputf8() && !tx.mail.smtputf8 {
@@ -560,20 +593,32 @@ impl Session {
 
     fn data(&mut self, now: Instant, more_pending: bool) {
         let Some(tx) = &self.tx else {
-            return self.reject(Stage::Data, reply!(503, 5, 5, 1, "Error: need MAIL command"));
+            return self.reject(
+                Stage::Data,
+                reply!(503, 5, 5, 1, "Error: need MAIL command"),
+            );
         };
         if tx.bdat.is_some() {
             return self.reject(Stage::Data, reply!(503, 5, 5, 1, "Error: DATA after BDAT"));
         }
         if tx.recipients.is_empty() {
-            return self.reject(Stage::Data, reply!(554, 5, 5, 1, "Error: no valid recipients"));
+            return self.reject(
+                Stage::Data,
+                reply!(554, 5, 5, 1, "Error: no valid recipients"),
+            );
         }
         if more_pending {
             // RFC 2920 §3.1: DATA ends a pipelined group; text sent before our
             // 354 means the client is not listening (or is smuggling).
             return self.fatal(
                 Stage::Data,
-                reply!(554, 5, 5, 0, "Error: improper use of SMTP command pipelining"),
+                reply!(
+                    554,
+                    5,
+                    5,
+                    0,
+                    "Error: improper use of SMTP command pipelining"
+                ),
             );
         }
         Reply::plain(354, "End data with <CR><LF>.<CR><LF>").write_to(&mut self.out);
@@ -629,7 +674,8 @@ impl Session {
         }
         let limits = self.data_limits();
         let tx = self.tx.as_mut().expect("checked above");
-        tx.bdat.get_or_insert_with(|| Box::new(DataScanner::raw(limits)));
+        tx.bdat
+            .get_or_insert_with(|| Box::new(DataScanner::raw(limits)));
         if size == 0 {
             self.end_of_chunk(now, 0, last);
         } else {
@@ -672,14 +718,15 @@ impl Session {
 
     fn submit(&mut self, _now: Instant, tx: Transaction) {
         let protocol = self.protocol(tx.mail.smtputf8);
-        self.events.push_back(Event::Message(Box::new(IncomingMessage {
-            mail: tx.mail,
-            recipients: tx.recipients,
-            body: tx.body,
-            helo: self.helo.clone().unwrap_or_default(),
-            peer: self.peer.addr,
-            protocol,
-        })));
+        self.events
+            .push_back(Event::Message(Box::new(IncomingMessage {
+                mail: tx.mail,
+                recipients: tx.recipients,
+                body: tx.body,
+                helo: self.helo.clone().unwrap_or_default(),
+                peer: self.peer.addr,
+                protocol,
+            })));
         self.state = State::AwaitMessage;
         self.deadline = None;
     }
@@ -721,7 +768,10 @@ impl Session {
 
     fn starttls(&mut self, more_pending: bool) {
         if !self.peer.starttls_available || self.peer.tls_active {
-            return self.reject(Stage::Other, reply!(502, 5, 5, 1, "Error: STARTTLS not available"));
+            return self.reject(
+                Stage::Other,
+                reply!(502, 5, 5, 1, "Error: STARTTLS not available"),
+            );
         }
         if !self.esmtp {
             return self.reject(Stage::Other, reply!(503, 5, 5, 1, "Error: send EHLO first"));
@@ -729,7 +779,13 @@ impl Session {
         if self.tx.is_some() {
             return self.reject(
                 Stage::Other,
-                reply!(503, 5, 5, 1, "Error: STARTTLS not allowed during a transaction"),
+                reply!(
+                    503,
+                    5,
+                    5,
+                    1,
+                    "Error: STARTTLS not allowed during a transaction"
+                ),
             );
         }
         if more_pending {
@@ -737,7 +793,13 @@ impl Session {
             // taken as if it came over TLS.
             return self.fatal(
                 Stage::Other,
-                reply!(554, 5, 5, 0, "Error: improper use of SMTP command pipelining"),
+                reply!(
+                    554,
+                    5,
+                    5,
+                    0,
+                    "Error: improper use of SMTP command pipelining"
+                ),
             );
         }
         reply!(220, 2, 0, 0, "Ready to start TLS").write_to(&mut self.out);
@@ -782,7 +844,10 @@ impl Session {
     }
 
     fn shutdown_now(&mut self) {
-        let text = format!("{} Service shutting down, closing transmission channel", self.config.hostname);
+        let text = format!(
+            "{} Service shutting down, closing transmission channel",
+            self.config.hostname
+        );
         reply!(421, 4, 3, 2, text).write_to(&mut self.out);
         self.close();
     }

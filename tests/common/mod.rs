@@ -84,10 +84,7 @@ impl Server {
             if let Ok(text) = std::fs::read_to_string(&ready) {
                 return Some(Ok(text));
             }
-            match server.child.try_wait().unwrap() {
-                Some(status) => Some(Err(status)),
-                None => None,
-            }
+            server.child.try_wait().unwrap().map(Err)
         });
         match outcome {
             Ok(text) => {
@@ -152,6 +149,13 @@ fn unique(p: &Path) -> PathBuf {
 
 impl Drop for Server {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "--- server log {} ---\n{}",
+                self.log.display(),
+                self.log_text()
+            );
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -160,7 +164,11 @@ impl Drop for Server {
 pub fn http_get(addr: SocketAddr, path: &str) -> String {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(DEADLINE)).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut text = String::new();
     s.read_to_string(&mut text).unwrap();
     let (head, body) = text.split_once("\r\n\r\n").unwrap();
@@ -259,7 +267,11 @@ impl Client {
         let r = self.cmd("DATA");
         assert!(r.starts_with("354"), "{r}");
         self.send(body);
-        self.send(if body.ends_with("\r\n") { ".\r\n" } else { "\r\n.\r\n" });
+        self.send(if body.ends_with("\r\n") {
+            ".\r\n"
+        } else {
+            "\r\n.\r\n"
+        });
         self.reply()
     }
 
@@ -280,5 +292,8 @@ pub fn queued_id(reply: &str) -> String {
 }
 
 pub fn tempdir() -> tempfile::TempDir {
-    tempfile::Builder::new().prefix("sluice-it").tempdir().unwrap()
+    tempfile::Builder::new()
+        .prefix("sluice-it")
+        .tempdir()
+        .unwrap()
 }

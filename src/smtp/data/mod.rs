@@ -94,7 +94,13 @@ impl DataError {
                     4,
                     format!("Message size exceeds fixed maximum message size ({max} octets)")
                 ),
-                None => crate::reply!(552, 5, 3, 4, "Message size exceeds fixed maximum message size"),
+                None => crate::reply!(
+                    552,
+                    5,
+                    3,
+                    4,
+                    "Message size exceeds fixed maximum message size"
+                ),
             },
             DataError::LineTooLong => crate::reply!(
                 550,
@@ -380,7 +386,6 @@ impl DataScanner {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::reference::{self, Mode, Reference};
@@ -479,7 +484,11 @@ mod tests {
             // Fed up to and including the variant: not finished.
             let mut s = DataScanner::dot(NORMALIZE);
             let mut sink = Vec::new();
-            assert_eq!(s.feed(&input[..prefix_len], &mut sink), prefix_len, "{name}");
+            assert_eq!(
+                s.feed(&input[..prefix_len], &mut sink),
+                prefix_len,
+                "{name}"
+            );
             assert!(!s.is_finished(), "{name} ended the message");
 
             let n = check(Mode::Dot, NORMALIZE, &input);
@@ -532,7 +541,11 @@ mod tests {
         let end = input.len() - 6;
         for a in 0..=input.len() {
             for b in a..=input.len() {
-                let got = scan(Mode::Dot, NORMALIZE, &[&input[..a], &input[a..b], &input[b..]]);
+                let got = scan(
+                    Mode::Dot,
+                    NORMALIZE,
+                    &[&input[..a], &input[a..b], &input[b..]],
+                );
                 assert_eq!(got.consumed, Some(end), "split {a}/{b}");
                 assert_eq!(got.body, b"Subject: x\r\n\r\nbody\r\n", "split {a}/{b}");
             }
@@ -578,20 +591,31 @@ mod tests {
     #[test]
     fn size_limit_is_exact() {
         let input = b"abc\r\nde\r\n.\r\n"; // stores 9 octets
-        for (max, want) in [(9, None), (8, Some(DataError::TooBig)), (0, Some(DataError::TooBig))] {
+        for (max, want) in [
+            (9, None),
+            (8, Some(DataError::TooBig)),
+            (0, Some(DataError::TooBig)),
+        ] {
             let limits = DataLimits {
                 max_size: Some(max),
                 ..NORMALIZE
             };
             let r = check(Mode::Dot, limits, input);
-            assert_eq!((r.error, r.size, r.consumed), (want, 9, Some(12)), "max {max}");
+            assert_eq!(
+                (r.error, r.size, r.consumed),
+                (want, 9, Some(12)),
+                "max {max}"
+            );
         }
         let limits = DataLimits {
             max_size: Some(4),
             ..NORMALIZE
         };
         // Raw mode: the CRLF added by finish() counts too.
-        assert_eq!(check(Mode::Raw, limits, b"abcd").error, Some(DataError::TooBig));
+        assert_eq!(
+            check(Mode::Raw, limits, b"abcd").error,
+            Some(DataError::TooBig)
+        );
         assert_eq!(check(Mode::Raw, limits, b"ab").error, None);
     }
 
@@ -679,7 +703,12 @@ mod tests {
         let table = [
             (DataError::TooBig, 552, "5.3.4", "1000 octets"),
             (DataError::LineTooLong, 550, "5.6.0", "limit 998 octets"),
-            (DataError::BareLineEnding, 550, "5.6.0", "bare CR or bare LF"),
+            (
+                DataError::BareLineEnding,
+                550,
+                "5.6.0",
+                "bare CR or bare LF",
+            ),
         ];
         for (e, code, enhanced, text) in table {
             let r = e.reply(&limits);

@@ -118,8 +118,15 @@ fn assert_enhanced(out: &str) {
         }
         let enhanced = line[4..].split(' ').next().unwrap();
         let class = enhanced.split('.').next().unwrap();
-        assert_eq!(&code[..1], class, "enhanced code class mismatch in {line:?}");
-        assert!(EnhancedCodeCheck::ok(enhanced), "bad enhanced code in {line:?}");
+        assert_eq!(
+            &code[..1],
+            class,
+            "enhanced code class mismatch in {line:?}"
+        );
+        assert!(
+            EnhancedCodeCheck::ok(enhanced),
+            "bad enhanced code in {line:?}"
+        );
     }
 }
 
@@ -151,10 +158,19 @@ fn greeting_and_ehlo_keywords() {
         "SMTPUTF8",
         "DSN",
     ] {
-        assert!(r.contains(&format!("250-{kw}\r\n")) || r.contains(&format!("250 {kw}\r\n")), "{kw} missing: {r}");
+        assert!(
+            r.contains(&format!("250-{kw}\r\n")) || r.contains(&format!("250 {kw}\r\n")),
+            "{kw} missing: {r}"
+        );
     }
-    assert!(!r.contains("STARTTLS"), "STARTTLS advertised without TLS: {r}");
-    assert!(!r.contains("AUTH"), "AUTH advertised without mechanisms: {r}");
+    assert!(
+        !r.contains("STARTTLS"),
+        "STARTTLS advertised without TLS: {r}"
+    );
+    assert!(
+        !r.contains("AUTH"),
+        "AUTH advertised without mechanisms: {r}"
+    );
     assert!(r.starts_with("250-localhost\r\n"));
 }
 
@@ -164,7 +180,10 @@ fn starttls_and_auth_advertised_only_when_available() {
     h.s.peer.auth_mechanisms = vec!["PLAIN".into(), "LOGIN".into()];
     h.greeting();
     let r = h.send(b"EHLO x\r\n");
-    assert!(r.contains("250-STARTTLS\r\n") || r.contains("250 STARTTLS\r\n"), "{r}");
+    assert!(
+        r.contains("250-STARTTLS\r\n") || r.contains("250 STARTTLS\r\n"),
+        "{r}"
+    );
     assert!(r.contains("AUTH PLAIN LOGIN"), "{r}");
 }
 
@@ -183,12 +202,18 @@ fn full_transaction_stores_unstuffed_body() {
     all += &h.send(b"MAIL FROM:<a@example.com>\r\n");
     all += &h.send(b"RCPT TO:<b@example.net>\r\n");
     all += &h.send(b"DATA\r\n");
-    assert!(all.ends_with("354 End data with <CR><LF>.<CR><LF>\r\n"), "{all}");
+    assert!(
+        all.ends_with("354 End data with <CR><LF>.<CR><LF>\r\n"),
+        "{all}"
+    );
     let r = h.send(b"Subject: hi\r\n\r\n..dot\r\nbody\r\n.\r\n");
     assert_eq!(r, "250 2.0.0 Ok: queued as ID1\r\n");
     let m = &h.stored[0];
     assert_eq!(m.body, b"Subject: hi\r\n\r\n.dot\r\nbody\r\n");
-    assert_eq!(m.mail.from, ReversePath::Address(Address::parse("a@example.com").unwrap()));
+    assert_eq!(
+        m.mail.from,
+        ReversePath::Address(Address::parse("a@example.com").unwrap())
+    );
     assert_eq!(m.recipients.len(), 1);
     assert_eq!(m.protocol, "ESMTP");
     assert_eq!(h.send(b"QUIT\r\n"), "221 2.0.0 Bye\r\n");
@@ -213,7 +238,10 @@ fn message_text_before_354_is_pipelining_abuse() {
     let mut h = Harness::new();
     h.ehlo();
     let r = h.send(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.net>\r\nDATA\r\nSubject: x\r\n\r\nhi\r\n.\r\n");
-    assert!(r.ends_with("554 5.5.0 Error: improper use of SMTP command pipelining\r\n"), "{r}");
+    assert!(
+        r.ends_with("554 5.5.0 Error: improper use of SMTP command pipelining\r\n"),
+        "{r}"
+    );
     assert!(h.s.is_closed());
     assert!(h.stored.is_empty());
 }
@@ -250,8 +278,14 @@ fn command_order_is_enforced() {
     let mut h = Harness::new();
     h.greeting();
     let cases: &[(&[u8], &str)] = &[
-        (b"MAIL FROM:<a@b.example>\r\n", "503 5.5.1 Error: send HELO/EHLO first\r\n"),
-        (b"RCPT TO:<a@b.example>\r\n", "503 5.5.1 Error: need MAIL command\r\n"),
+        (
+            b"MAIL FROM:<a@b.example>\r\n",
+            "503 5.5.1 Error: send HELO/EHLO first\r\n",
+        ),
+        (
+            b"RCPT TO:<a@b.example>\r\n",
+            "503 5.5.1 Error: need MAIL command\r\n",
+        ),
         (b"DATA\r\n", "503 5.5.1 Error: need MAIL command\r\n"),
     ];
     for (cmd, want) in cases {
@@ -259,10 +293,19 @@ fn command_order_is_enforced() {
     }
     h.send(b"EHLO x\r\n");
     h.send(b"MAIL FROM:<a@b.example>\r\n");
-    assert_eq!(h.send(b"MAIL FROM:<a@b.example>\r\n"), "503 5.5.1 Error: nested MAIL command\r\n");
-    assert_eq!(h.send(b"DATA\r\n"), "554 5.5.1 Error: no valid recipients\r\n");
+    assert_eq!(
+        h.send(b"MAIL FROM:<a@b.example>\r\n"),
+        "503 5.5.1 Error: nested MAIL command\r\n"
+    );
+    assert_eq!(
+        h.send(b"DATA\r\n"),
+        "554 5.5.1 Error: no valid recipients\r\n"
+    );
     assert_eq!(h.send(b"RSET\r\n"), "250 2.0.0 Ok\r\n");
-    assert_eq!(h.send(b"RCPT TO:<a@b.example>\r\n"), "503 5.5.1 Error: need MAIL command\r\n");
+    assert_eq!(
+        h.send(b"RCPT TO:<a@b.example>\r\n"),
+        "503 5.5.1 Error: need MAIL command\r\n"
+    );
 }
 
 #[test]
@@ -271,7 +314,10 @@ fn unknown_verb_and_bad_syntax() {
     h.ehlo();
     assert!(h.send(b"FROB\r\n").starts_with("500 5.5.1 "));
     assert!(h.send(b"MAIL FROM:a@b\r\n").starts_with("501 "));
-    assert!(h.send(b"NOOP\r\n").starts_with("250 2.0.0"), "session goes on");
+    assert!(
+        h.send(b"NOOP\r\n").starts_with("250 2.0.0"),
+        "session goes on"
+    );
 }
 
 #[test]
@@ -282,7 +328,10 @@ fn long_command_line_is_rejected_and_session_goes_on() {
     line.resize(600, b'x');
     line.extend_from_slice(b"\r\n");
     let r = h.send(&line);
-    assert_eq!(r, "500 5.5.2 Error: command line too long (limit 512 octets)\r\n");
+    assert_eq!(
+        r,
+        "500 5.5.2 Error: command line too long (limit 512 octets)\r\n"
+    );
     assert_eq!(h.send(b"NOOP\r\n"), "250 2.0.0 Ok\r\n");
     // Exactly at the limit (512 with CRLF) is fine.
     let mut line = b"NOOP ".to_vec();
@@ -298,7 +347,11 @@ fn ten_megabyte_line_does_not_grow_memory() {
     let chunk = vec![b'a'; 64 * 1024];
     for _ in 0..160 {
         assert_eq!(h.send(&chunk), "");
-        assert!(h.s.line.capacity() <= 4096, "line buffer grew to {}", h.s.line.capacity());
+        assert!(
+            h.s.line.capacity() <= 4096,
+            "line buffer grew to {}",
+            h.s.line.capacity()
+        );
     }
     let r = h.send(b"\r\nNOOP\r\n");
     assert_eq!(codes(&r), ["500", "250"], "{r}");
@@ -336,7 +389,9 @@ fn declared_size_too_big_at_mail() {
     h.ehlo();
     let r = h.send(b"MAIL FROM:<a@b.example> SIZE=1001\r\n");
     assert!(r.starts_with("552 5.3.4 "), "{r}");
-    assert!(h.send(b"MAIL FROM:<a@b.example> SIZE=1000\r\n").starts_with("250 2.1.0"));
+    assert!(h
+        .send(b"MAIL FROM:<a@b.example> SIZE=1000\r\n")
+        .starts_with("250 2.1.0"));
 }
 
 #[test]
@@ -441,7 +496,10 @@ fn relay_denied_recipient_and_no_valid_recipients() {
     let r = h.send(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<deny@evil.example>\r\n");
     assert_eq!(codes(&r), ["250", "554"]);
     assert!(r.contains("554 5.7.1 Relay access denied"));
-    assert_eq!(h.send(b"DATA\r\n"), "554 5.5.1 Error: no valid recipients\r\n");
+    assert_eq!(
+        h.send(b"DATA\r\n"),
+        "554 5.5.1 Error: no valid recipients\r\n"
+    );
     assert!(h.rejected.contains(&(Stage::Rcpt, 554)));
 }
 
@@ -472,7 +530,9 @@ fn bdat_chunk_split_across_reads_and_dots_are_literal() {
 fn bdat_zero_last_ends_the_message() {
     let mut h = Harness::new();
     h.ehlo();
-    let r = h.send(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nBDAT 4\r\nab\r\nBDAT 0 LAST\r\n");
+    let r = h.send(
+        b"MAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nBDAT 4\r\nab\r\nBDAT 0 LAST\r\n",
+    );
     assert!(r.ends_with("250 2.0.0 Ok: queued as ID1\r\n"), "{r}");
     assert_eq!(h.stored[0].body, b"ab\r\n");
 }
@@ -490,7 +550,11 @@ fn bdat_without_transaction_swallows_its_chunk() {
     let mut h = Harness::new();
     h.ehlo();
     let r = h.send(b"BDAT 12\r\nQUIT\r\nQUIT\r\nNOOP\r\n");
-    assert_eq!(codes(&r), ["503", "250"], "chunk octets must not run as commands: {r}");
+    assert_eq!(
+        codes(&r),
+        ["503", "250"],
+        "chunk octets must not run as commands: {r}"
+    );
     assert!(!h.s.is_closed());
 }
 
@@ -548,7 +612,10 @@ fn shutdown_lets_the_transaction_in_flight_finish() {
     h.ehlo();
     h.send(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\n");
     h.s.shutdown(h.now);
-    assert_eq!(h.send(b"DATA\r\n"), "354 End data with <CR><LF>.<CR><LF>\r\n");
+    assert_eq!(
+        h.send(b"DATA\r\n"),
+        "354 End data with <CR><LF>.<CR><LF>\r\n"
+    );
     let r = h.send(b"hi\r\n.\r\n");
     assert_eq!(codes(&r), ["250", "421"], "{r}");
     assert_eq!(h.stored.len(), 1);
@@ -562,7 +629,10 @@ fn store_failure_is_passed_through() {
     h.ehlo();
     h.send(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\n");
     h.send(b"DATA\r\n");
-    assert_eq!(h.send(b"x\r\n.\r\n"), "452 4.3.1 Insufficient system storage\r\n");
+    assert_eq!(
+        h.send(b"x\r\n.\r\n"),
+        "452 4.3.1 Insufficient system storage\r\n"
+    );
     // The transaction is over; a new one can start.
     assert!(h.send(b"MAIL FROM:<a@b.example>\r\n").starts_with("250"));
 }
@@ -571,13 +641,19 @@ fn store_failure_is_passed_through() {
 fn starttls_rules() {
     let mut h = Harness::with(SessionConfig::default(), true);
     h.greeting();
-    assert!(h.send(b"STARTTLS\r\n").starts_with("503 5.5.1 "), "needs EHLO");
+    assert!(
+        h.send(b"STARTTLS\r\n").starts_with("503 5.5.1 "),
+        "needs EHLO"
+    );
     h.send(b"EHLO x\r\n");
     assert_eq!(h.send(b"STARTTLS\r\n"), "220 2.0.0 Ready to start TLS\r\n");
     assert_eq!(h.starttls_events, 1);
     assert!(!h.s.wants_input());
     h.s.answer_starttls(h.now, true);
-    assert!(h.send(b"MAIL FROM:<a@b.example>\r\n").starts_with("503"), "EHLO again after TLS");
+    assert!(
+        h.send(b"MAIL FROM:<a@b.example>\r\n").starts_with("503"),
+        "EHLO again after TLS"
+    );
     let r = h.send(b"EHLO x\r\n");
     assert!(!r.contains("STARTTLS"), "{r}");
 }
