@@ -398,6 +398,36 @@ mod tests {
         assert_eq!(Config::parse(&c.to_toml()).unwrap(), c);
     }
 
+    /// Every key of the effective config is documented, and the annotated
+    /// production example is valid.
+    #[test]
+    fn documented_and_example_valid() {
+        let docs = include_str!("../docs/configuration.md");
+        let mut c = Config::default();
+        c.routes.push(RouteConfig {
+            domain: "x".into(),
+            hosts: vec!["127.0.0.1:25".parse().unwrap()],
+        });
+        for line in c.to_toml().lines() {
+            let line = line.trim();
+            if line.starts_with('[') {
+                let section = line.trim_matches(|ch| ch == '[' || ch == ']');
+                assert!(
+                    docs.contains(&format!("`[{section}]`"))
+                        || docs.contains(&format!("`[[{section}]]`")),
+                    "{section}"
+                );
+            } else if let Some((key, _)) = line.split_once(" = ") {
+                assert!(
+                    docs.contains(&format!("| `{key}` |")),
+                    "key {key} undocumented"
+                );
+            }
+        }
+        let example = Config::parse(include_str!("../deploy/sluice.toml")).unwrap();
+        assert_eq!(example.spool.path, PathBuf::from("/var/lib/sluice/spool"));
+    }
+
     #[test]
     fn errors_are_one_line() {
         for bad in [
