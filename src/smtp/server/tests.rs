@@ -507,7 +507,7 @@ fn relay_denied_recipient_and_no_valid_recipients() {
 fn bdat_chunks_make_one_message() {
     let mut h = Harness::new();
     h.ehlo();
-    let r = h.send(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nBDAT 7\r\nSubject\r\nBDAT 9 LAST\r\n: x\r\n\r\nhi\r\n");
+    let r = h.send(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nBDAT 7\r\nSubjectBDAT 11 LAST\r\n: x\r\n\r\nhi\r\n");
     assert_eq!(codes(&r), ["250", "250", "250", "250"], "{r}");
     assert!(r.contains("250 2.0.0 Ok: 7 octets received\r\n"));
     assert!(r.ends_with("250 2.0.0 Ok: queued as ID1\r\n"));
@@ -519,7 +519,7 @@ fn bdat_chunk_split_across_reads_and_dots_are_literal() {
     let mut h = Harness::new();
     h.ehlo();
     h.send(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\n");
-    assert_eq!(h.send(b"BDAT 10 LAST\r\n.\r\n"), "");
+    assert_eq!(h.send(b"BDAT 9 LAST\r\n.\r\n"), "");
     let r = h.send(b"..x\r\n.");
     assert_eq!(r, "250 2.0.0 Ok: queued as ID1\r\n");
     // BDAT is not dot-stuffed; the final line got its missing CRLF.
@@ -676,7 +676,9 @@ fn bare_lf_normalized_by_default_and_rejected_by_policy() {
     h.send(b"DATA\r\n");
     let r = h.send(b"a\nb\r\n.\n.\r\n\r\n.\r\n");
     assert!(r.starts_with("250 "), "{r}");
-    assert_eq!(h.stored[0].body, b"a\r\nb\r\n.\r\n.\r\n\r\n");
+    // The dot opening "\r\n.\n" is at a line start and is unstuffed; the dot
+    // after the bare LF is not at a line start and stays. Nothing ended early.
+    assert_eq!(h.stored[0].body, b"a\r\nb\r\n\r\n.\r\n\r\n");
 
     let cfg = SessionConfig {
         line_endings: LineEndingPolicy::Reject,
