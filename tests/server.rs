@@ -525,3 +525,38 @@ fn startup_error_memlock_too_low() {
     assert!(err.contains("RLIMIT_MEMLOCK"), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
 }
+
+#[test]
+fn queue_command_asks_running_server() {
+    let dir = tempdir();
+    // A fixed metrics port so `sluice queue --config` can find the server.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cfg = config(dir.path(), "", "").replace(
+        "[metrics]\nlisten = \"127.0.0.1:0\"",
+        &format!("[metrics]\nlisten = \"127.0.0.1:{port}\""),
+    );
+    let server = Server::start(dir.path(), &cfg);
+    assert_eq!(server.metrics.port(), port);
+    let mut c = server.client();
+    c.hello();
+    let r = c.cmd("MAIL FROM:<>");
+    assert!(r.starts_with("250"), "{r}");
+    assert!(c.cmd("RCPT TO:<x@example.test>").starts_with("250"));
+    assert!(c.cmd("DATA").starts_with("354"));
+    c.send("hi\r\n.\r\n");
+    let id = queued_id(&c.reply());
+    let out = Command::new(BIN)
+        .args(["queue", "--config"])
+        .arg(dir.path().join("sluice.toml"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let q = parse_queue(&String::from_utf8(out.stdout).unwrap());
+    assert_eq!(q.len(), 1);
+    assert_eq!(q[0].id, id);
+    assert_eq!(q[0].sender, "<>");
+}
