@@ -86,8 +86,11 @@ pub(crate) async fn drive(mut stream: TcpStream, peer: SocketAddr, ctx: Rc<Shard
                 glommio::timer::sleep(wake_at.saturating_duration_since(Instant::now())).await;
                 Wake::Timer
             };
+            // Only an idle session is woken for shutdown (it is told 421 at
+            // once); one inside a transaction learns of it at its next wake-up.
+            let wake_for_stop = !shutdown_seen && !session.in_transaction();
             let stop = async {
-                if shutdown_seen {
+                if !wake_for_stop {
                     future::pending::<()>().await;
                 }
                 // Closed at shutdown: acquire then fails and wakes everyone.
@@ -96,6 +99,11 @@ pub(crate) async fn drive(mut stream: TcpStream, peer: SocketAddr, ctx: Rc<Shard
             };
             future::or(read, future::or(timer, stop)).await
         };
+        match &wake {
+            Wake::Read(r) => tracing::trace!(read = ?r, "woke: read"),
+            Wake::Timer => tracing::trace!("woke: timer"),
+            Wake::Shutdown => tracing::trace!("woke: shutdown"),
+        }
         match wake {
             Wake::Read(Ok(0)) | Wake::Read(Err(_)) => {
                 session.handle_eof(Instant::now());
@@ -166,6 +174,7 @@ async fn drain_events(
                 session.answer_recipient(Instant::now(), verdict);
             }
             Event::Message(msg) => {
+                tracing::trace!("event: message");
                 // Replies to the pipelined commands before DATA go out before
                 // we block on storage.
                 session.write_output(out);
@@ -176,6 +185,7 @@ async fn drain_events(
                     }
                 }
                 let verdict = store(ctx, &msg).await;
+                tracing::trace!(ok = verdict.is_ok(), "stored");
                 session.answer_message(Instant::now(), verdict);
             }
             Event::StartTls => {

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_lite::future;
 use glommio::net::TcpListener;
@@ -48,6 +48,8 @@ pub(crate) struct ShardCtx {
     pub shutdown: Semaphore,
     shutting_down: Cell<bool>,
     active: Cell<usize>,
+    /// Signalled when the last session ends during shutdown.
+    drained: Semaphore,
 }
 
 impl ShardCtx {
@@ -105,12 +107,12 @@ pub(crate) async fn run(spec: ShardSpec) {
         shutdown: Semaphore::new(0),
         shutting_down: Cell::new(false),
         active: Cell::new(0),
+        drained: Semaphore::new(0),
     });
-    let mut accept_tasks = Vec::new();
     for listener in listeners {
         let ctx = Rc::clone(&ctx);
         let limiter = Arc::clone(&limiter);
-        accept_tasks.push(glommio::spawn_local(accept_loop(listener, ctx, limiter)));
+        glommio::spawn_local(accept_loop(listener, ctx, limiter)).detach();
     }
     let _ = ready.send(Ok(()));
     drop(ready);
@@ -121,12 +123,16 @@ pub(crate) async fn run(spec: ShardSpec) {
     tracing::info!(shard = index, "shutting down");
     ctx.shutting_down.set(true);
     ctx.shutdown.close();
-    for t in accept_tasks {
-        t.await;
-    }
-    let grace_end = Instant::now() + config.server.shutdown_grace();
-    while ctx.active.get() > 0 && Instant::now() < grace_end {
-        glommio::timer::sleep(Duration::from_millis(10)).await;
+    // Wait for the last session (it signals `drained`) or the grace period,
+    // whichever comes first; no polling timers here.
+    if ctx.active.get() > 0 {
+        future::or(
+            async {
+                let _ = ctx.drained.acquire(1).await;
+            },
+            glommio::timer::sleep(config.server.shutdown_grace()),
+        )
+        .await;
     }
     if ctx.active.get() > 0 {
         tracing::warn!(
@@ -137,23 +143,31 @@ pub(crate) async fn run(spec: ShardSpec) {
     }
 }
 
+/// Accepts until the executor ends. During shutdown it keeps accepting but
+/// answers `421 4.3.2` at once: the accept in flight is never abandoned
+/// (with glommio 0.9, dropping a pending accept at shutdown was seen to leave
+/// a session's pending read without its wake-up), and a client gets a clear
+/// answer instead of a hang or a reset.
 async fn accept_loop(listener: TcpListener, ctx: Rc<ShardCtx>, limiter: Arc<ConnectionLimiter>) {
     loop {
-        let accepted = future::or(async { Some(listener.accept().await) }, async {
-            let _ = ctx.shutdown.acquire(1).await;
-            None
-        })
-        .await;
-        let stream = match accepted {
-            None => return,
-            Some(Ok(s)) => s,
-            Some(Err(e)) => {
+        let stream = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
                 tracing::warn!(error = %e, "accept failed");
                 glommio::timer::sleep(Duration::from_millis(10)).await;
                 continue;
             }
         };
+        if ctx.is_shutting_down() {
+            ctx.metrics.connection_rejected("shutdown");
+            let line = format!(
+                "421 4.3.2 {} Service shutting down, try again later\r\n",
+                ctx.hostname
+            );
+            refuse(stream, line);
+            continue;
+        }
         let Ok(peer) = stream.peer_addr() else {
             continue;
         };
@@ -163,17 +177,7 @@ async fn accept_loop(listener: TcpListener, ctx: Rc<ShardCtx>, limiter: Arc<Conn
             Err(refusal) => {
                 ctx.metrics.connection_rejected(refusal.label());
                 tracing::info!(%peer, reason = refusal.label(), "connection refused");
-                let line = refusal.reply_line(&ctx.hostname);
-                glommio::spawn_local(async move {
-                    use futures_lite::AsyncWriteExt;
-                    let mut stream = stream;
-                    let write = async {
-                        let _ = stream.write_all(line.as_bytes()).await;
-                    };
-                    future::or(write, glommio::timer::sleep(Duration::from_secs(5))).await;
-                    let _ = stream.close().await;
-                })
-                .detach();
+                refuse(stream, refusal.reply_line(&ctx.hostname));
             }
             Ok(permit) => {
                 let ctx2 = Rc::clone(&ctx);
@@ -186,6 +190,9 @@ async fn accept_loop(listener: TcpListener, ctx: Rc<ShardCtx>, limiter: Arc<Conn
                         super::session::drive(stream, peer, Rc::clone(&ctx2)).await;
                         drop(permit);
                         ctx2.active.set(ctx2.active.get() - 1);
+                        if ctx2.active.get() == 0 && ctx2.is_shutting_down() {
+                            ctx2.drained.signal(1);
+                        }
                         ctx2.metrics.connections_active.decrement(1.0);
                         tracing::debug!("closed");
                     }
@@ -195,4 +202,18 @@ async fn accept_loop(listener: TcpListener, ctx: Rc<ShardCtx>, limiter: Arc<Conn
             }
         }
     }
+}
+
+/// Writes `line` and closes, in the background, bounded in time.
+fn refuse(stream: glommio::net::TcpStream, line: String) {
+    glommio::spawn_local(async move {
+        use futures_lite::AsyncWriteExt;
+        let mut stream = stream;
+        let write = async {
+            let _ = stream.write_all(line.as_bytes()).await;
+        };
+        future::or(write, glommio::timer::sleep(Duration::from_secs(5))).await;
+        let _ = stream.close().await;
+    })
+    .detach();
 }
