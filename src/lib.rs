@@ -5,4 +5,8 @@
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
+pub mod config;
+pub mod metrics;
+pub mod server;
 pub mod smtp;
+pub mod spool;

@@ -1,0 +1,556 @@
+use super::*;
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+/// Runs `f` on a fresh glommio executor with a small io_memory (RLIMIT_MEMLOCK
+/// is 8 MiB here; the default would register 10 MiB).
+fn run<T, F, Fut>(f: F) -> T
+where
+    T: Send + 'static,
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = T> + 'static,
+{
+    glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+        .io_memory(512 << 10)
+        .spawn(f)
+        .expect("executor starts")
+        .join()
+        .expect("executor joins")
+}
+
+fn ms(y2020_offset: u64) -> u64 {
+    ID_EPOCH_UNIX_MS + y2020_offset
+}
+
+fn envelope(id: SpoolId, size: u64) -> Envelope {
+    Envelope {
+        id,
+        sender: "a@example.org".into(),
+        recipients: vec![
+            Recipient {
+                address: "b@example.net".into(),
+                notify: Some("SUCCESS,FAILURE".into()),
+                orcpt: Some("rfc822;b@example.net".into()),
+                state: RecipientState::Pending,
+            },
+            Recipient {
+                address: "c@example.net".into(),
+                notify: None,
+                orcpt: None,
+                state: RecipientState::Pending,
+            },
+        ],
+        received_at_ms: id.timestamp_ms(),
+        size,
+        body_8bit: true,
+        smtputf8: false,
+        ret_full: Some(false),
+        envid: Some("env-1".into()),
+        client_ip: Some("192.0.2.1".into()),
+        helo: Some("client.example.org".into()),
+    }
+}
+
+/// A body that identifies its message, so a mixed-up load cannot pass.
+fn body_for(id: SpoolId, len: usize) -> Vec<u8> {
+    let line = format!("Subject: {id}\r\n");
+    line.bytes().cycle().take(len).collect()
+}
+
+// ---------------------------------------------------------------- ids
+
+#[test]
+fn id_fields_round_trip() {
+    let cases = [
+        (0u64, 0u8, 0u16),
+        (1, 1, 1),
+        (123_456_789, 7, 16_383),
+        ((1 << 42) - 1, 255, 16_383),
+    ];
+    for (epoch_ms, shard, seq) in cases {
+        let id = SpoolId::from_parts(epoch_ms, shard, seq);
+        assert_eq!(id.shard(), shard);
+        assert_eq!(id.sequence(), seq);
+        assert_eq!(id.timestamp_ms(), ID_EPOCH_UNIX_MS + epoch_ms);
+        assert_eq!(SpoolId::from_u64(id.as_u64()), id);
+        assert_eq!(u64::from_be_bytes(id.to_be_bytes()), id.as_u64());
+    }
+}
+
+#[test]
+fn id_text_round_trip_and_order() {
+    let ids = [
+        0u64,
+        1,
+        31,
+        32,
+        u64::MAX,
+        u64::MAX - 1,
+        1 << 63,
+        0x0123_4567_89ab_cdef,
+    ];
+    for raw in ids {
+        let id = SpoolId::from_u64(raw);
+        let text = id.to_string();
+        assert_eq!(text.len(), ID_TEXT_LEN, "{text}");
+        assert!(text
+            .bytes()
+            .all(|b| b.is_ascii_digit() || b.is_ascii_uppercase()));
+        assert_eq!(text.parse::<SpoolId>(), Ok(id), "{text}");
+        assert_eq!(text.to_ascii_lowercase().parse::<SpoolId>(), Ok(id));
+    }
+    assert_eq!(SpoolId::from_u64(0).to_string(), "0000000000000");
+    assert_eq!(SpoolId::from_u64(u64::MAX).to_string(), "FZZZZZZZZZZZZ");
+    // Text order equals numeric order.
+    let mut g = SpoolIdGenerator::new(3, None);
+    let mut prev = g.next(ms(5));
+    for i in 0..20_000u64 {
+        let id = g.next(ms(5 + i / 3));
+        assert!(id.to_string() > prev.to_string());
+        prev = id;
+    }
+}
+
+#[test]
+fn id_parse_errors() {
+    let cases: [(&str, ParseSpoolIdError); 4] = [
+        ("", ParseSpoolIdError::Length(0)),
+        ("00000000000000", ParseSpoolIdError::Length(14)),
+        ("000000000000U", ParseSpoolIdError::Char('U')),
+        ("G000000000000", ParseSpoolIdError::Overflow),
+    ];
+    for (text, err) in cases {
+        assert_eq!(text.parse::<SpoolId>(), Err(err), "{text:?}");
+    }
+    // Crockford aliases.
+    assert_eq!("OOOOOOOOOOOOI".parse::<SpoolId>(), Ok(SpoolId::from_u64(1)));
+}
+
+#[test]
+fn generator_is_monotonic_and_unique() {
+    // (description, clock readings)
+    let cases: [(&str, Vec<u64>); 4] = [
+        ("advancing clock", (0..1000).map(|i| ms(1000 + i)).collect()),
+        ("same ms", vec![ms(50); 1000]),
+        (
+            "clock steps back",
+            vec![ms(100), ms(101), ms(90), ms(90), ms(50), ms(102), ms(101)],
+        ),
+        ("before the epoch", vec![0, 0, ID_EPOCH_UNIX_MS - 1, ms(0)]),
+    ];
+    for (what, clock) in cases {
+        let mut g = SpoolIdGenerator::new(9, None);
+        let mut prev: Option<SpoolId> = None;
+        for now in clock {
+            let id = g.next(now);
+            assert_eq!(id.shard(), 9, "{what}");
+            if let Some(p) = prev {
+                assert!(id > p, "{what}: {id} after {p}");
+            }
+            prev = Some(id);
+        }
+    }
+}
+
+#[test]
+fn generator_borrows_from_the_future_on_sequence_overflow() {
+    let mut g = SpoolIdGenerator::new(1, None);
+    let mut seen = HashSet::new();
+    let mut last = None;
+    for _ in 0..16_384 * 2 + 5 {
+        let id = g.next(ms(1_000));
+        assert!(seen.insert(id), "duplicate {id}");
+        if let Some(p) = last {
+            assert!(id > p);
+        }
+        last = Some(id);
+    }
+    let last = last.unwrap();
+    // 2 full milliseconds of sequence used, so the last id is 2 ms ahead.
+    assert_eq!(last.timestamp_ms(), ms(1_002));
+    assert_eq!(last.sequence(), 4);
+    // When the clock catches up past the borrowed ms, it resumes at seq 0.
+    let id = g.next(ms(1_010));
+    assert_eq!((id.timestamp_ms(), id.sequence()), (ms(1_010), 0));
+}
+
+#[test]
+fn generator_seeded_after_restart_never_reissues() {
+    // (our shard, not_before) - the clock is behind not_before (stepped back).
+    let seeds = [
+        (2u8, SpoolId::from_parts(500, 2, 7)),
+        (2, SpoolId::from_parts(500, 200, 16_383)),
+        (200, SpoolId::from_parts(500, 2, 0)),
+        (2, SpoolId::from_parts(500, 2, 16_383)),
+    ];
+    for (shard, seed) in seeds {
+        let mut g = SpoolIdGenerator::new(shard, Some(seed));
+        let first = g.next(ms(10));
+        assert!(first > seed, "{first:?} <= {seed:?}");
+        assert_eq!(first.shard(), shard);
+        // Any id this shard issued before the restart is <= seed: the first id
+        // must exceed the largest possible one in seed's millisecond, unless
+        // seed is our own (then seed itself was our largest).
+        if seed.shard() != shard {
+            assert!(first.timestamp_ms() > seed.timestamp_ms());
+        }
+    }
+}
+
+// ---------------------------------------------------------------- store
+
+#[test]
+fn store_load_update_remove_enumerate() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    run(move || async move {
+        let spool = Spool::open(&path).unwrap();
+        let p = spool.partition(0).unwrap();
+        let mut g = SpoolIdGenerator::new(0, None);
+        let ids: Vec<SpoolId> = (0..5).map(|i| g.next(ms(1_000 + i))).collect();
+        for (i, &id) in ids.iter().enumerate() {
+            let body = body_for(id, 100 + i * 1000);
+            p.store(&envelope(id, body.len() as u64), &body)
+                .await
+                .unwrap();
+        }
+        assert_eq!(p.len(), 5);
+        for (i, &id) in ids.iter().enumerate() {
+            let (env, body) = p.load(id).unwrap().expect("stored");
+            assert_eq!(env, envelope(id, (100 + i * 1000) as u64));
+            assert_eq!(body, body_for(id, 100 + i * 1000));
+        }
+        let missing = g.next(ms(9_999));
+        assert_eq!(p.load(missing).unwrap(), None);
+        assert!(matches!(
+            p.update(&envelope(missing, 1)).await,
+            Err(SpoolError::NotFound(_))
+        ));
+
+        // update
+        let mut env = p.load_envelope(ids[1]).unwrap().unwrap();
+        env.recipients[0].state = RecipientState::Delivered {
+            at_ms: 5,
+            reply: "250 ok".into(),
+        };
+        env.recipients[1].state = RecipientState::Deferred {
+            attempts: 1,
+            last_reply: "451 later".into(),
+            next_attempt_ms: 99,
+        };
+        p.update(&env).await.unwrap();
+        assert_eq!(p.load_envelope(ids[1]).unwrap(), Some(env.clone()));
+        assert_eq!(p.load(ids[1]).unwrap().unwrap().1, body_for(ids[1], 1100));
+
+        // remove (twice: idempotent)
+        p.remove(ids[2]).await.unwrap();
+        p.remove(ids[2]).await.unwrap();
+        assert_eq!(p.load(ids[2]).unwrap(), None);
+        assert_eq!(p.len(), 4);
+
+        // enumerate: id order, updated state visible, removed one gone
+        let listed: Vec<Envelope> = p.envelopes().collect::<Result<_, _>>().unwrap();
+        let listed_ids: Vec<SpoolId> = listed.iter().map(|e| e.id).collect();
+        assert_eq!(listed_ids, vec![ids[0], ids[1], ids[3], ids[4]]);
+        assert_eq!(listed[1], env);
+        assert_eq!(spool.count().unwrap(), 4);
+        assert_eq!(spool.max_id().unwrap(), Some(ids[4]));
+        assert_eq!(
+            spool
+                .list(2)
+                .unwrap()
+                .iter()
+                .map(|e| e.id)
+                .collect::<Vec<_>>(),
+            vec![ids[0], ids[1]]
+        );
+    });
+}
+
+#[test]
+fn concurrent_stores_share_flushes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    let (stores, flushes, covered, max_batch) = run(move || async move {
+        let spool = Spool::open(&path).unwrap();
+        let p = spool.partition(4).unwrap();
+        let mut g = SpoolIdGenerator::new(4, None);
+        let n = 200;
+        let tasks: Vec<_> = (0..n)
+            .map(|i| {
+                let p = p.clone();
+                let id = g.next(ms(i));
+                glommio::spawn_local(async move {
+                    let body = body_for(id, 2048);
+                    p.store(&envelope(id, 2048), &body).await.unwrap();
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await;
+        }
+        assert_eq!(p.len(), n as usize);
+        (n, p.flush_count(), p.flushed_writes(), p.max_flush_batch())
+    });
+    assert_eq!(
+        covered, stores,
+        "every store is covered by exactly one flush"
+    );
+    assert!(
+        flushes < stores && max_batch > 1,
+        "{flushes} flushes for {stores} stores, max batch {max_batch}"
+    );
+}
+
+#[test]
+fn reopen_sees_everything_and_partitions_of_gone_shards() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    let stored: Vec<(u16, SpoolId)> = run({
+        let path = path.clone();
+        move || async move {
+            let spool = Spool::open(&path).unwrap();
+            let mut out = vec![];
+            for shard in [0u16, 1, 7] {
+                let p = spool.partition(shard).unwrap();
+                let mut g = SpoolIdGenerator::new(shard as u8, None);
+                for i in 0..3 {
+                    let id = g.next(ms(100 + i));
+                    p.store(&envelope(id, 10), &body_for(id, 10)).await.unwrap();
+                    out.push((shard, id));
+                }
+            }
+            out
+        }
+    });
+    // Second opener while the first is alive is refused with a clear error.
+    {
+        let first = Spool::open(&path).unwrap();
+        let err = Spool::open(&path).unwrap_err();
+        assert!(matches!(err, SpoolError::Locked { .. }), "{err}");
+        assert!(err.to_string().contains("is locked by another process"));
+        drop(first);
+    }
+    // Restart "with one shard": partitions() still finds 1 and 7.
+    let spool = Spool::open(&path).unwrap();
+    assert_eq!(spool.partitions().unwrap(), vec![0, 1, 7]);
+    assert_eq!(spool.count().unwrap(), 9);
+    for (shard, id) in &stored {
+        let p = spool.partition(*shard).unwrap();
+        assert_eq!(p.len(), 3);
+        let (env, body) = p.load(*id).unwrap().expect("survives reopen");
+        assert_eq!(env.id, *id);
+        assert_eq!(body, body_for(*id, 10));
+    }
+    let max = stored.iter().map(|(_, id)| *id).max();
+    assert_eq!(spool.max_id().unwrap(), max);
+    let listed: Vec<SpoolId> = spool.list(100).unwrap().iter().map(|e| e.id).collect();
+    let mut expected: Vec<SpoolId> = stored.iter().map(|(_, id)| *id).collect();
+    expected.sort();
+    assert_eq!(listed, expected);
+}
+
+#[test]
+fn errors_map_to_transient_storage_reply() {
+    let e = SpoolError::Storage(sled::Error::Io(std::io::Error::other("disk full")));
+    let r = e.reply();
+    assert_eq!(
+        (r.code(), r.enhanced()),
+        (452, Some(EnhancedCode::new(4, 3, 1)))
+    );
+    assert!(r.is_transient());
+    let c = SpoolError::Corrupt {
+        what: "x".into(),
+        reason: "y".into(),
+    };
+    assert!(c.reply().is_transient());
+}
+
+// ---------------------------------------------------------------- child processes
+
+const CHILD_DIR: &str = "SLUICE_SPOOL_TEST_CHILD_DIR";
+const CHILD_BODY: &str = "SLUICE_SPOOL_TEST_CHILD_BODY";
+
+/// Spawns this test binary running only `test`, with the child env set.
+fn spawn_child(
+    test: &str,
+    dir: &Path,
+    body: usize,
+    shell_prefix: Option<&str>,
+) -> std::process::Child {
+    let exe = std::env::current_exe().unwrap();
+    let args = [test, "--exact", "--nocapture", "--test-threads=1"];
+    let mut cmd = match shell_prefix {
+        Some(prefix) => {
+            let mut c = Command::new("sh");
+            c.arg("-c")
+                .arg(format!("{prefix}; exec \"$0\" \"$@\""))
+                .arg(&exe)
+                .args(args);
+            c
+        }
+        None => {
+            let mut c = Command::new(&exe);
+            c.args(args);
+            c
+        }
+    };
+    cmd.env(CHILD_DIR, dir)
+        .env(CHILD_BODY, body.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// Child side: stores messages from 16 concurrent tasks forever (until
+/// killed or until a store fails), printing `STORED <id>` after each `Ok`
+/// and `ERR <reply>` on the first error. Does nothing when run normally.
+#[test]
+fn child_store_forever() {
+    let Some(dir) = std::env::var_os(CHILD_DIR) else {
+        return;
+    };
+    let body_len: usize = std::env::var(CHILD_BODY).unwrap().parse().unwrap();
+    let path = PathBuf::from(dir);
+    run(move || async move {
+        use std::io::Write;
+        let spool = match Spool::open(&path) {
+            Ok(s) => s,
+            Err(e) => {
+                println!("ERR {}", e.reply());
+                return;
+            }
+        };
+        let p = spool.partition(0).unwrap();
+        let g = Rc::new(std::cell::RefCell::new(SpoolIdGenerator::new(
+            0,
+            spool.max_id().unwrap(),
+        )));
+        let failed = Rc::new(Cell::new(false));
+        let tasks: Vec<_> = (0..16)
+            .map(|_| {
+                let (p, g, failed) = (p.clone(), g.clone(), failed.clone());
+                glommio::spawn_local(async move {
+                    // Bounded so an orphaned child cannot run forever.
+                    for _ in 0..20_000 {
+                        if failed.get() {
+                            return;
+                        }
+                        let now = std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .unwrap()
+                            .as_millis() as u64;
+                        let id = g.borrow_mut().next(now);
+                        let body = body_for(id, body_len);
+                        match p.store(&envelope(id, body_len as u64), &body).await {
+                            Ok(()) => {
+                                let mut out = std::io::stdout().lock();
+                                writeln!(out, "STORED {id}").unwrap();
+                                out.flush().unwrap();
+                            }
+                            Err(e) => {
+                                if !failed.replace(true) {
+                                    println!("ERR {} ({e})", e.reply());
+                                }
+                                return;
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await;
+        }
+        println!("DONE");
+    });
+}
+
+fn verify_loadable(path: &Path, ids: &[SpoolId], body_len: usize) {
+    let spool = Spool::open(path).unwrap();
+    let p = spool.partition(0).unwrap();
+    for id in ids {
+        let (env, body) = p
+            .load(*id)
+            .unwrap()
+            .unwrap_or_else(|| panic!("{id} was acknowledged but is missing after SIGKILL"));
+        assert_eq!(env.id, *id);
+        assert_eq!(body, body_for(*id, body_len), "{id} body");
+    }
+}
+
+#[test]
+fn acknowledged_stores_survive_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    let body_len = 4096;
+    let mut all = Vec::new();
+    for round in 0..3 {
+        let mut child = spawn_child(
+            "spool::tests::child_store_forever",
+            dir.path(),
+            body_len,
+            None,
+        );
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let kill_after = 150 + round * 97;
+        let mut acked = Vec::new();
+        let mut killed = false;
+        for line in stdout.lines() {
+            let line = line.unwrap();
+            if let Some(id) = line.strip_prefix("STORED ") {
+                acked.push(id.parse::<SpoolId>().unwrap());
+            }
+            assert!(!line.starts_with("ERR"), "child failed: {line}");
+            if acked.len() == kill_after && !killed {
+                // SIGKILL mid-stream; keep reading what it printed before dying.
+                child.kill().unwrap();
+                killed = true;
+            }
+        }
+        child.wait().unwrap();
+        assert!(
+            killed && acked.len() >= kill_after,
+            "round {round}: child ended early"
+        );
+        verify_loadable(dir.path(), &acked, body_len);
+        all.extend(acked);
+    }
+    // Earlier rounds' messages are still there too, and ids never repeated.
+    verify_loadable(dir.path(), &all, body_len);
+    let unique: HashSet<_> = all.iter().collect();
+    assert_eq!(unique.len(), all.len());
+}
+
+#[test]
+fn store_fails_when_the_disk_is_full() {
+    // RLIMIT_FSIZE stands in for a full disk (we run as root, so a read-only
+    // directory would not stop us). `trap '' XFSZ` makes the over-limit write
+    // fail with EFBIG instead of killing the process; both survive exec.
+    // dash counts `ulimit -f` in 512-byte blocks: 8192 = 4 MiB.
+    let dir = tempfile::tempdir().unwrap();
+    let body_len = 64 << 10;
+    let mut child = spawn_child(
+        "spool::tests::child_store_forever",
+        dir.path(),
+        body_len,
+        Some("trap '' XFSZ; ulimit -f 8192"),
+    );
+    let stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut acked = Vec::new();
+    let mut err = None;
+    for line in stdout.lines() {
+        let line = line.unwrap();
+        if let Some(id) = line.strip_prefix("STORED ") {
+            acked.push(id.parse::<SpoolId>().unwrap());
+        } else if line.starts_with("ERR ") {
+            err = Some(line);
+        }
+    }
+    child.wait().unwrap();
+    let err = err.expect("storing past the file size limit must fail");
+    assert!(err.starts_with("ERR 452 4.3.1"), "{err}");
+    // Nothing acknowledged before the failure was lost.
+    verify_loadable(dir.path(), &acked, body_len);
+}

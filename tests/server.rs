@@ -1,0 +1,586 @@
+//! `sluice serve` over real TCP on loopback against the built binary.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+
+#[test]
+fn full_transaction_with_received_header_and_queue_id() {
+    let dir = tempdir();
+    let mut server = Server::start(dir.path(), &config(dir.path(), "", ""));
+    let mut c = server.client();
+    c.hello();
+    let r = c.send_mail(
+        "sender@example.test",
+        &["rcpt@example.test"],
+        "Subject: hello\r\n\r\nbody line\r\n",
+    );
+    let id = queued_id(&r);
+    assert_eq!(id.len(), 13, "{id}");
+    assert!(c.cmd("QUIT").starts_with("221"));
+    let q = server.queue();
+    assert_eq!(q.len(), 1);
+    assert_eq!(q[0].id, id);
+    assert_eq!(q[0].sender, "sender@example.test");
+    assert_eq!(q[0].recipients, vec!["rcpt@example.test".to_owned()]);
+
+    // Stop cleanly, then read the stored body: it starts with Received.
+    server.signal("TERM");
+    assert!(server.wait().success());
+    let spool = sluice::spool::Spool::open(&dir.path().join("spool")).unwrap();
+    let sid: sluice::spool::SpoolId = id.parse().unwrap();
+    let part = spool.partition(u16::from(sid.shard())).unwrap();
+    let (env, body) = part.load(sid).unwrap().expect("stored");
+    let body = String::from_utf8(body).unwrap();
+    assert!(body.starts_with("Received: from client.test"), "{body}");
+    assert!(body.contains(&format!("id {id}")), "{body}");
+    assert!(body.contains("by mx.test"), "{body}");
+    assert!(
+        body.ends_with("Subject: hello\r\n\r\nbody line\r\n"),
+        "{body}"
+    );
+    assert_eq!(env.size, body.len() as u64);
+    assert_eq!(env.client_ip.as_deref(), Some("127.0.0.1"));
+}
+
+#[test]
+fn pipelined_transactions_get_replies_in_order() {
+    let dir = tempdir();
+    let server = Server::start(dir.path(), &config(dir.path(), "", ""));
+    let mut c = server.client();
+    c.hello();
+    // RFC 2920: each group ends with DATA; the message content plus the
+    // next group go in one write.
+    let group = |i: usize| {
+        format!("MAIL FROM:<s{i}@example.test>\r\nRCPT TO:<a{i}@example.test>\r\nRCPT TO:<b{i}@example.test>\r\nDATA\r\n")
+    };
+    c.send(&group(0));
+    let mut ids = Vec::new();
+    for i in 0..2 {
+        for want in ["250 2.1.0", "250 2.1.5", "250 2.1.5", "354"] {
+            let r = c.reply();
+            assert!(r.starts_with(want), "{want}: {r:?}");
+        }
+        let next = if i == 0 {
+            group(1)
+        } else {
+            "QUIT\r\n".to_owned()
+        };
+        c.send(&format!("Subject: {i}\r\n\r\nx\r\n.\r\n{next}"));
+        ids.push(queued_id(&c.reply()));
+    }
+    assert!(c.reply().starts_with("221"));
+    assert!(ids[0] < ids[1], "ids are time-ordered: {ids:?}");
+    let q = server.queue();
+    assert_eq!(q.len(), 2);
+    assert_eq!(q[1].recipients, vec!["a1@example.test", "b1@example.test"]);
+}
+
+#[test]
+fn relay_denied_outside_allow_networks_even_with_tricks() {
+    let dir = tempdir();
+    let server = Server::start(
+        dir.path(),
+        &config(dir.path(), "", "[relay]\nallow_networks = [\"10.0.0.0/8\"]"),
+    );
+    let mut c = server.client();
+    c.hello();
+    assert!(c.cmd("MAIL FROM:<a@example.test>").starts_with("250"));
+    for rcpt in [
+        "<u@ok.test>",
+        "<u%evil.test@ok.test>",
+        "<\"u@evil.test\"@ok.test>",
+        "<@evil.test:u@ok.test>",
+        "<evil.test!u@ok.test>",
+    ] {
+        let r = c.cmd(&format!("RCPT TO:{rcpt}"));
+        assert!(r.starts_with("554 5.7.1"), "{rcpt}: {r}");
+    }
+    let r = c.cmd("DATA");
+    assert!(r.starts_with("5"), "no valid recipients: {r}");
+    assert!(server.queue().is_empty());
+    let m = server.http("/metrics");
+    assert!(m.contains("sluice_relay_denied_total"), "{m}");
+}
+
+#[test]
+fn relayed_tricky_addresses_go_exactly_where_given() {
+    let dir = tempdir();
+    let server = Server::start(dir.path(), &config(dir.path(), "", ""));
+    let mut c = server.client();
+    c.hello();
+    let tricks = [
+        ("u%evil.test@ok.test", "u%evil.test@ok.test"),
+        ("\"u@evil.test\"@ok.test", "\"u@evil.test\"@ok.test"),
+        ("evil.test!u@ok.test", "evil.test!u@ok.test"),
+    ];
+    for (given, stored) in tricks {
+        let id = queued_id(&c.send_mail("a@example.test", &[given], "x\r\n"));
+        let q = server.queue();
+        let e = q.iter().find(|e| e.id == id).unwrap();
+        assert_eq!(e.recipients, vec![stored.to_owned()], "{given}");
+    }
+    // A source route is accepted for the final mailbox only (RFC 5321 C).
+    assert!(c.cmd("MAIL FROM:<a@example.test>").starts_with("250"));
+    let r = c.cmd("RCPT TO:<@evil.test:u@ok.test>");
+    if r.starts_with("250") {
+        assert!(c.cmd("DATA").starts_with("354"));
+        c.send("x\r\n.\r\n");
+        let id = queued_id(&c.reply());
+        let q = server.queue();
+        let e = q.iter().find(|e| e.id == id).unwrap();
+        assert_eq!(e.recipients, vec!["u@ok.test".to_owned()]);
+    } else {
+        assert!(r.starts_with('5'), "{r}");
+    }
+}
+
+#[test]
+fn connection_limits_answer_421() {
+    let dir = tempdir();
+    let server = Server::start(
+        dir.path(),
+        &config(
+            dir.path(),
+            "max_connections = 3\nmax_connections_per_ip = 2",
+            "",
+        ),
+    );
+    let mut a = server.client();
+    a.hello();
+    let mut b = server.client();
+    b.hello();
+    let mut c = server.client();
+    let r = c.reply();
+    assert!(r.starts_with("421 4.7.0"), "{r}");
+    assert!(c.at_eof());
+    // A slot frees when a client leaves.
+    assert!(a.cmd("QUIT").starts_with("221"));
+    assert!(a.at_eof());
+    let mut d = poll("a free slot", || {
+        let mut d = server.client();
+        let g = d.reply();
+        g.starts_with("220").then_some(d)
+    });
+    assert!(d.cmd("NOOP").starts_with("250"));
+    let m = server.http("/metrics");
+    assert!(
+        m.contains("sluice_connections_rejected_total{reason=\"max_connections_per_ip\""),
+        "{m}"
+    );
+}
+
+#[test]
+fn total_connection_limit() {
+    let dir = tempdir();
+    let server = Server::start(
+        dir.path(),
+        &config(
+            dir.path(),
+            "max_connections = 1\nmax_connections_per_ip = 10",
+            "",
+        ),
+    );
+    let mut a = server.client();
+    a.hello();
+    let mut b = server.client();
+    let r = b.reply();
+    assert!(r.starts_with("421 4.7.0"), "{r}");
+}
+
+#[test]
+fn command_timeout_closes_with_421() {
+    let dir = tempdir();
+    let server = Server::start(dir.path(), &config(dir.path(), "command_timeout = 1", ""));
+    let mut c = server.client();
+    c.hello();
+    // Say nothing: the server gives up after a second.
+    let r = c.reply();
+    assert!(r.starts_with("421 4.4.2"), "{r}");
+    assert!(c.at_eof());
+}
+
+#[test]
+fn data_timeout_closes_with_421() {
+    let dir = tempdir();
+    let server = Server::start(dir.path(), &config(dir.path(), "data_timeout = 1", ""));
+    let mut c = server.client();
+    c.hello();
+    assert!(c.cmd("MAIL FROM:<a@example.test>").starts_with("250"));
+    assert!(c.cmd("RCPT TO:<b@example.test>").starts_with("250"));
+    assert!(c.cmd("DATA").starts_with("354"));
+    c.send("Subject: partial\r\n");
+    let r = c.reply();
+    assert!(r.starts_with("421 4.4.2"), "{r}");
+    assert!(server.queue().is_empty());
+}
+
+#[test]
+fn trickling_client_hits_session_deadline() {
+    use std::io::{Read, Write};
+    use std::time::{Duration, Instant};
+    let dir = tempdir();
+    let server = Server::start(
+        dir.path(),
+        &config(dir.path(), "session_timeout = 2\ncommand_timeout = 60", ""),
+    );
+    let mut c = server.client();
+    c.hello();
+    // NOOPs one byte at a time: never idle long enough for the command
+    // timeout, so only the total session deadline can end this. The 100 ms
+    // pacing is the client behaviour under test (a read timeout, not a sleep).
+    let mut s = c.stream.try_clone().unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let started = Instant::now();
+    let mut got = Vec::new();
+    let line = b"NOOP\r\n";
+    let mut i = 0;
+    while started.elapsed() < DEADLINE {
+        if s.write_all(&line[i % line.len()..][..1]).is_err() {
+            break;
+        }
+        i += 1;
+        let mut buf = [0u8; 512];
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(_) => break,
+        }
+        if got.windows(9).any(|w| w == b"421 4.4.2") {
+            break;
+        }
+    }
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.contains("421 4.4.2"), "{text}");
+    assert!(
+        text.matches("250 ").count() >= 2,
+        "NOOPs were answered: {text}"
+    );
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= Duration::from_millis(1500) && elapsed < Duration::from_secs(10),
+        "{elapsed:?}"
+    );
+    let m = server.http("/metrics");
+    assert!(m.contains("sluice_sessions_timed_out_total{shard="), "{m}");
+}
+
+#[test]
+fn size_and_recipient_limits() {
+    let dir = tempdir();
+    let server = Server::start(
+        dir.path(),
+        &config(
+            dir.path(),
+            "max_message_size = 1000\nmax_recipients = 2",
+            "",
+        ),
+    );
+    let mut c = server.client();
+    c.hello();
+    assert!(c.cmd("MAIL FROM:<a@example.test>").starts_with("250"));
+    assert!(c.cmd("RCPT TO:<1@example.test>").starts_with("250"));
+    assert!(c.cmd("RCPT TO:<2@example.test>").starts_with("250"));
+    let r = c.cmd("RCPT TO:<3@example.test>");
+    assert!(r.starts_with("452 4.5.3"), "{r}");
+    assert!(c.cmd("DATA").starts_with("354"));
+    c.send(&"x".repeat(900));
+    c.send("\r\n");
+    c.send(&"y".repeat(900));
+    c.send("\r\n.\r\n");
+    let r = c.reply();
+    assert!(r.starts_with("552"), "{r}");
+    let r = c.cmd("MAIL FROM:<a@example.test> SIZE=5000");
+    assert!(r.starts_with("552"), "{r}");
+    assert!(server.queue().is_empty());
+}
+
+#[test]
+fn sigterm_mid_transaction_completes_then_exits_zero() {
+    let dir = tempdir();
+    let mut server = Server::start(dir.path(), &config(dir.path(), "shutdown_grace = 30", ""));
+    let mut idle = server.client();
+    idle.hello();
+    let mut c = server.client();
+    c.hello();
+    assert!(c.cmd("MAIL FROM:<a@example.test>").starts_with("250"));
+    assert!(c.cmd("RCPT TO:<b@example.test>").starts_with("250"));
+    assert!(c.cmd("DATA").starts_with("354"));
+    c.send("Subject: in flight\r\n\r\n");
+    server.signal("TERM");
+    // The idle session is told at once.
+    let r = idle.reply();
+    assert!(r.starts_with("421 4.3.2"), "{r}");
+    c.send("the rest\r\n.\r\n");
+    let id = queued_id(&c.reply());
+    let r = c.cmd("NOOP");
+    assert!(r.starts_with("421 4.3.2"), "{r}");
+    let status = server.wait();
+    assert!(status.success(), "{status:?}: {}", server.log_text());
+    let out = Command::new(BIN)
+        .args(["queue", "--config"])
+        .arg(dir.path().join("sluice.toml"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let q = parse_queue(&String::from_utf8(out.stdout).unwrap());
+    assert_eq!(q.len(), 1);
+    assert_eq!(q[0].id, id);
+}
+
+#[test]
+fn metrics_endpoint_scrape() {
+    let dir = tempdir();
+    let server = Server::start(dir.path(), &config(dir.path(), "", ""));
+    let mut c = server.client();
+    c.hello();
+    queued_id(&c.send_mail("a@example.test", &["b@example.test"], "x\r\n"));
+    assert!(c.cmd("RCPT TO:<c@example.test>").starts_with("503"));
+    assert!(c.cmd("QUIT").starts_with("221"));
+    let m = poll("metrics", || {
+        let m = server.http("/metrics");
+        m.contains("sluice_spool_flush_seconds").then_some(m)
+    });
+    for name in [
+        "sluice_connections_total",
+        "sluice_connections_active",
+        "sluice_messages_accepted_total",
+        "sluice_bytes_received_total",
+        "sluice_rejections_total",
+        "sluice_spool_write_seconds",
+        "sluice_spool_flush_batch_size",
+        "sluice_spool_messages",
+        "sluice_store_seconds",
+    ] {
+        assert!(m.contains(name), "{name} missing:\n{m}");
+    }
+    let accepted: f64 = m
+        .lines()
+        .filter(|l| l.starts_with("sluice_messages_accepted_total"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum();
+    assert_eq!(accepted, 1.0);
+    assert_eq!(server.http("/health"), "ok\n");
+}
+
+#[test]
+fn check_config_good_and_bad() {
+    let dir = tempdir();
+    let good = dir.path().join("good.toml");
+    std::fs::write(
+        &good,
+        "[server]\nlisten = [\"127.0.0.1:2525\"]\nhostname = \"mx.test\"\nshards = 3\nmax_message_size = 1000\nmax_recipients = 5\n\
+         [relay]\nallow_networks = [\"127.0.0.0/8\", \"::1/128\"]\n[spool]\npath = \"/var/spool/sluice\"\n\
+         [metrics]\nlisten = \"127.0.0.1:9525\"\n[dns]\nnameservers = [\"127.0.0.1:5353\"]\n[delivery]\nport = 25\n\
+         [[route]]\ndomain = \"example.test\"\nhosts = [\"127.0.0.2:2526\"]\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    for want in [
+        "shards = 3",
+        "max_recipients = 5",
+        "command_timeout = 300",
+        "example.test",
+    ] {
+        assert!(text.contains(want), "{want}: {text}");
+    }
+    // The printed effective config is itself valid.
+    let again = dir.path().join("again.toml");
+    std::fs::write(&again, &text).unwrap();
+    assert!(Command::new(BIN)
+        .arg("check-config")
+        .arg(&again)
+        .output()
+        .unwrap()
+        .status
+        .success());
+
+    for bad in [
+        "[server]\nlisten = [\"127.0.0.1:99999\"]\n",
+        "[server]\nlisten = [\"not an address\"]\n",
+        "[server]\nlistne = [\"127.0.0.1:2525\"]\n",
+        "[relay]\nallow_networks = [\"300.0.0.0/8\"]\n",
+        "[server]\nmax_recipients = 0\n",
+        "[server\n",
+    ] {
+        let f = dir.path().join("bad.toml");
+        std::fs::write(&f, bad).unwrap();
+        let out = Command::new(BIN)
+            .arg("check-config")
+            .arg(&f)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{bad}");
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(err.lines().count(), 1, "{bad}: {err}");
+        assert!(err.starts_with("sluice: error: invalid config"), "{err}");
+    }
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .arg(dir.path().join("missing.toml"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+}
+
+fn expect_startup_error(dir: &std::path::Path, cfg: &str, want: &str) {
+    match Server::try_start(dir, cfg) {
+        Ok(_) => panic!("server started but should not"),
+        Err((status, log)) => {
+            assert!(!status.success());
+            assert_eq!(status.code(), Some(1), "exit, not a panic: {log}");
+            let last = log.lines().last().unwrap_or("");
+            assert!(last.starts_with("sluice: error: "), "{log}");
+            assert!(last.contains(want), "{want}: {log}");
+            assert!(!log.contains("panicked"), "{log}");
+        }
+    }
+}
+
+#[test]
+fn startup_error_port_in_use() {
+    let dir = tempdir();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let cfg = config(dir.path(), "", "").replace("127.0.0.1:0\"]", &format!("{addr}\"]"));
+    expect_startup_error(dir.path(), &cfg, &format!("cannot listen on {addr}"));
+}
+
+#[test]
+fn startup_error_spool_locked() {
+    let dir = tempdir();
+    let _first = Server::start(dir.path(), &config(dir.path(), "", ""));
+    let dir2 = tempdir();
+    // Same spool, other ports.
+    let cfg = config(dir.path(), "", "");
+    expect_startup_error(dir2.path(), &cfg, "cannot open spool");
+}
+
+#[test]
+fn startup_error_spool_unwritable() {
+    let dir = tempdir();
+    let file = dir.path().join("not-a-dir");
+    std::fs::write(&file, "x").unwrap();
+    let cfg = config(dir.path(), "", "").replace(
+        &format!("{}", dir.path().join("spool").display()),
+        &format!("{}/sub", file.display()),
+    );
+    expect_startup_error(dir.path(), &cfg, "cannot open spool");
+}
+
+#[test]
+fn startup_error_bad_config_is_one_line() {
+    let dir = tempdir();
+    let cfg = config(dir.path(), "", "").replace("127.0.0.1:0", "256.0.0.1:25");
+    expect_startup_error(dir.path(), &cfg, "invalid config");
+}
+
+#[test]
+fn startup_error_memlock_too_low() {
+    // Needs util-linux prlimit; skipped (passes) where it is missing.
+    if Command::new("prlimit").arg("--version").output().is_err() {
+        eprintln!("prlimit not available; skipping");
+        return;
+    }
+    let dir = tempdir();
+    let cfg_path = dir.path().join("sluice.toml");
+    std::fs::write(&cfg_path, config(dir.path(), "", "")).unwrap();
+    let out = Command::new("prlimit")
+        .arg("--memlock=65536:65536")
+        .arg(BIN)
+        .args(["serve", "--config"])
+        .arg(&cfg_path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("RLIMIT_MEMLOCK"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
+
+#[test]
+fn queue_command_asks_running_server() {
+    let dir = tempdir();
+    // A fixed metrics port so `sluice queue --config` can find the server.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cfg = config(dir.path(), "", "").replace(
+        "[metrics]\nlisten = \"127.0.0.1:0\"",
+        &format!("[metrics]\nlisten = \"127.0.0.1:{port}\""),
+    );
+    let server = Server::start(dir.path(), &cfg);
+    assert_eq!(server.metrics.port(), port);
+    let mut c = server.client();
+    c.hello();
+    let r = c.cmd("MAIL FROM:<>");
+    assert!(r.starts_with("250"), "{r}");
+    assert!(c.cmd("RCPT TO:<x@example.test>").starts_with("250"));
+    assert!(c.cmd("DATA").starts_with("354"));
+    c.send("hi\r\n.\r\n");
+    let id = queued_id(&c.reply());
+    let out = Command::new(BIN)
+        .args(["queue", "--config"])
+        .arg(dir.path().join("sluice.toml"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let q = parse_queue(&String::from_utf8(out.stdout).unwrap());
+    assert_eq!(q.len(), 1);
+    assert_eq!(q[0].id, id);
+    assert_eq!(q[0].sender, "<>");
+}
+
+/// Known issue (see report): during shutdown, a new connection that is
+/// refused with 421 4.3.2 on the same shard as a session mid-DATA can leave
+/// that session's pending read without its wake-up (about 1 run in 5 here),
+/// so its transaction only ends with the grace period. Not reproduced outside
+/// shutdown (refusals for limits, timeouts, QUIT). Run with `--ignored`.
+#[test]
+#[ignore = "known glommio wake-up issue during shutdown; see docs/operations.md"]
+fn sigterm_new_connection_refused_while_transaction_finishes() {
+    let dir = tempdir();
+    let mut server = Server::start(dir.path(), &config(dir.path(), "shutdown_grace = 30", ""));
+    let mut idle = server.client();
+    idle.hello();
+    let mut c = server.client();
+    c.hello();
+    assert!(c.cmd("MAIL FROM:<a@example.test>").starts_with("250"));
+    assert!(c.cmd("RCPT TO:<b@example.test>").starts_with("250"));
+    assert!(c.cmd("DATA").starts_with("354"));
+    c.send("Subject: in flight\r\n\r\n");
+    server.signal("TERM");
+    assert!(idle.reply().starts_with("421 4.3.2"));
+    // New connections get 421 4.3.2 (or are refused) instead of a session.
+    poll("no new sessions", || {
+        match std::net::TcpStream::connect(server.smtp) {
+            Err(_) => Some(()),
+            Ok(s) => {
+                s.set_read_timeout(Some(DEADLINE)).unwrap();
+                let mut cl = Client {
+                    reader: std::io::BufReader::new(s.try_clone().unwrap()),
+                    stream: s,
+                };
+                let g = cl.reply();
+                (!g.starts_with("220")).then_some(())
+            }
+        }
+    });
+    c.send("the rest\r\n.\r\n");
+    queued_id(&c.reply());
+    assert!(server.wait().success());
+}
