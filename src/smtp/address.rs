@@ -180,10 +180,8 @@ impl AddressLiteral {
                     && tb.iter().all(|&c| c.is_ascii_alphanumeric() || c == b'-')
                     && tb[tb.len() - 1] != b'-';
                 // dcontent = %d33-90 / %d94-126 (printable except "[", "\", "]").
-                let content_ok = !content.is_empty()
-                    && content
-                        .bytes()
-                        .all(|c| matches!(c, 33..=90 | 94..=126));
+                let content_ok =
+                    !content.is_empty() && content.bytes().all(|c| matches!(c, 33..=90 | 94..=126));
                 if tag_ok && content_ok {
                     Ok(AddressLiteral::General {
                         tag: tag.to_owned(),
@@ -480,7 +478,10 @@ pub(crate) fn parse_mailbox(s: &str, start: usize) -> Result<(Address, usize), A
         (Host::Literal(lit), close + 1)
     } else {
         let end = scan_domain(b, host_start)?;
-        (Host::Domain(Domain::from_validated(&s[host_start..end])), end)
+        (
+            Host::Domain(Domain::from_validated(&s[host_start..end])),
+            end,
+        )
     };
     Ok((
         Address {
@@ -612,7 +613,10 @@ mod tests {
         // (input, Ok((local part, host display)) or error)
         let cases: Vec<(&str, Result<(&str, &str), AddressError>)> = vec![
             ("user@example.com", Ok(("user", "example.com"))),
-            ("First.Last+tag@Example.COM", Ok(("First.Last+tag", "Example.COM"))),
+            (
+                "First.Last+tag@Example.COM",
+                Ok(("First.Last+tag", "Example.COM")),
+            ),
             ("!#$%&'*+-/=?^_`{|}~@x", Ok(("!#$%&'*+-/=?^_`{|}~", "x"))),
             // Relay tricks stay literal local parts.
             ("u%evil@ok", Ok(("u%evil", "ok"))),
@@ -625,7 +629,10 @@ mod tests {
             ("u@[001.002.003.004]", Ok(("u", "[1.2.3.4]"))),
             ("u@[IPv6:2001:db8::1]", Ok(("u", "[IPv6:2001:db8::1]"))),
             ("u@[ipv6:::1]", Ok(("u", "[IPv6:::1]"))),
-            ("u@[IPv6:::ffff:1.2.3.4]", Ok(("u", "[IPv6:::ffff:1.2.3.4]"))),
+            (
+                "u@[IPv6:::ffff:1.2.3.4]",
+                Ok(("u", "[IPv6:::ffff:1.2.3.4]")),
+            ),
             ("u@[x-tag:some-thing]", Ok(("u", "[x-tag:some-thing]"))),
             ("用户@例え.jp", Ok(("用户", "例え.jp"))),
             ("\"ü x\"@x", Ok(("\"ü x\"", "x"))),
@@ -680,10 +687,16 @@ mod tests {
     #[test]
     fn literals_are_typed() {
         let a = Address::parse("u@[192.0.2.1]").unwrap();
-        assert_eq!(a.host(), &Host::Literal(AddressLiteral::Ipv4(Ipv4Addr::new(192, 0, 2, 1))));
+        assert_eq!(
+            a.host(),
+            &Host::Literal(AddressLiteral::Ipv4(Ipv4Addr::new(192, 0, 2, 1)))
+        );
         assert_eq!(a.domain(), None);
         let a = Address::parse("u@[IPv6:::1]").unwrap();
-        assert_eq!(a.host(), &Host::Literal(AddressLiteral::Ipv6(Ipv6Addr::LOCALHOST)));
+        assert_eq!(
+            a.host(),
+            &Host::Literal(AddressLiteral::Ipv6(Ipv6Addr::LOCALHOST))
+        );
         let a = Address::parse("u@[x:y]").unwrap();
         assert_eq!(
             a.host(),
@@ -703,7 +716,11 @@ mod tests {
             ("\"ü\"@x", true),
             ("u@[1.2.3.4]", false),
         ] {
-            assert_eq!(Address::parse(input).unwrap().needs_smtputf8(), needs, "{input}");
+            assert_eq!(
+                Address::parse(input).unwrap().needs_smtputf8(),
+                needs,
+                "{input}"
+            );
         }
     }
 
@@ -720,14 +737,20 @@ mod tests {
             let a = Address::parse(input).unwrap();
             assert_eq!(Address::parse(&a.to_string()).unwrap(), a, "{input}");
         }
-        assert_eq!(Address::parse("u@[010.0.0.1]").unwrap().to_string(), "u@[10.0.0.1]");
+        assert_eq!(
+            Address::parse("u@[010.0.0.1]").unwrap().to_string(),
+            "u@[10.0.0.1]"
+        );
     }
 
     #[test]
     fn address_eq_case_insensitive_domain_only() {
         let a = Address::parse("User@EXAMPLE.com").unwrap();
         assert_eq!(a, Address::parse("User@example.COM").unwrap());
-        assert_eq!(hash_of(&a), hash_of(&Address::parse("User@example.COM").unwrap()));
+        assert_eq!(
+            hash_of(&a),
+            hash_of(&Address::parse("User@example.COM").unwrap())
+        );
         // Local parts are case-sensitive (RFC 5321 §2.4).
         assert_ne!(a, Address::parse("user@example.com").unwrap());
     }

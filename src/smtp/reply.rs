@@ -60,7 +60,11 @@ impl Reply {
     /// A single-line reply with an enhanced status code whose class matches the code's.
     pub fn new(code: u16, enhanced: EnhancedCode, text: impl Into<Cow<'static, str>>) -> Self {
         debug_assert!((200..600).contains(&code));
-        debug_assert_eq!(u16::from(enhanced.class), code / 100, "enhanced class must match");
+        debug_assert_eq!(
+            u16::from(enhanced.class),
+            code / 100,
+            "enhanced class must match"
+        );
         Self {
             code,
             enhanced: Some(enhanced),
@@ -119,7 +123,11 @@ impl Reply {
 
     /// The text of all lines joined by a space (for logs and DSN diagnostics).
     pub fn text(&self) -> String {
-        self.lines.iter().map(|l| l.as_ref()).collect::<Vec<_>>().join(" ")
+        self.lines
+            .iter()
+            .map(|l| l.as_ref())
+            .collect::<Vec<_>>()
+            .join(" ")
     }
 
     /// 2yz.
@@ -207,8 +215,14 @@ mod tests {
 
     #[test]
     fn multiline_renders_dashes_then_space() {
-        let r = Reply::multiline(250, vec!["mx.example".into(), "PIPELINING".into(), "SIZE 10".into()]);
-        assert_eq!(r.to_bytes(), b"250-mx.example\r\n250-PIPELINING\r\n250 SIZE 10\r\n");
+        let r = Reply::multiline(
+            250,
+            vec!["mx.example".into(), "PIPELINING".into(), "SIZE 10".into()],
+        );
+        assert_eq!(
+            r.to_bytes(),
+            b"250-mx.example\r\n250-PIPELINING\r\n250 SIZE 10\r\n"
+        );
     }
 
     #[test]
@@ -226,7 +240,10 @@ mod tests {
 
     #[test]
     fn enhanced_code_parse() {
-        assert_eq!(EnhancedCode::parse("5.1.10"), Some(EnhancedCode::new(5, 1, 10)));
+        assert_eq!(
+            EnhancedCode::parse("5.1.10"),
+            Some(EnhancedCode::new(5, 1, 10))
+        );
         assert_eq!(EnhancedCode::parse("3.1.1"), None);
         assert_eq!(EnhancedCode::parse("5.1"), None);
     }
