@@ -423,7 +423,7 @@ fn is_base64_or_empty(r: &str) -> bool {
     let padding = b.len() - body;
     body > 0
         && padding <= 2
-        && b.len() % 4 == 0
+        && b.len().is_multiple_of(4)
         && b[..body]
             .iter()
             .all(|&c| c.is_ascii_alphanumeric() || c == b'+' || c == b'/')
@@ -941,8 +941,11 @@ mod tests {
         }
     }
 
+    /// (line, reply code, enhanced code).
+    type ErrCase<'a> = (&'a [u8], u16, (u8, u16, u16));
+
     /// Asserts each line fails with the expected reply code and enhanced code.
-    fn check_err(cases: &[(&[u8], u16, (u8, u16, u16))]) {
+    fn check_err(cases: &[ErrCase]) {
         for &(line, code, (c, s, d)) in cases {
             let err = match parse_command(line) {
                 Ok(cmd) => panic!("{:?} parsed as {cmd:?}", String::from_utf8_lossy(line)),
