@@ -602,6 +602,9 @@ mod tests {
         assert_eq!(hash_of(&long_a), hash_of(&long_b));
     }
 
+    /// Expected (local part, host as displayed) or the error.
+    type AddrCase<'a> = Result<(&'a str, &'a str), AddressError>;
+
     #[test]
     fn addresses() {
         let l64 = "a".repeat(64);
@@ -611,7 +614,7 @@ mod tests {
         let quoted64 = format!("\"{}\"@x", "a".repeat(62));
         let quoted65 = format!("\"{}\"@x", "a".repeat(63));
         // (input, Ok((local part, host display)) or error)
-        let cases: Vec<(&str, Result<(&str, &str), AddressError>)> = vec![
+        let cases: Vec<(&str, AddrCase)> = vec![
             ("user@example.com", Ok(("user", "example.com"))),
             (
                 "First.Last+tag@Example.COM",

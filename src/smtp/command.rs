@@ -298,7 +298,9 @@ const K_STARTTLS: u64 = verb_key(b"STARTTLS");
 
 /// Parses one command line WITHOUT its CRLF (the session strips it).
 pub fn parse_command(line: &[u8]) -> Result<Command, CommandError> {
-    let s = std::str::from_utf8(line).map_err(|_| CommandError::InvalidUtf8)?;
+    let s = std::str::from_utf8(line)
+        .map_err(|_| CommandError::InvalidUtf8)?
+        .trim_end_matches([' ', '\t']);
     let b = s.as_bytes();
 
     // The verb ends at the first space; no verb is longer than 8 bytes, so a
@@ -311,10 +313,8 @@ pub fn parse_command(line: &[u8]) -> Result<Command, CommandError> {
         verb_end += 1;
     }
     let verb = &b[..verb_end];
-    // Everything after the verb, without surrounding spaces (and trailing tabs).
-    let args = s[verb_end..]
-        .trim_start_matches(' ')
-        .trim_end_matches([' ', '\t']);
+    // Everything after the verb, without the separating spaces.
+    let args = s[verb_end..].trim_start_matches(' ');
     if verb.is_empty() {
         return Err(if args.is_empty() {
             CommandError::Empty
@@ -423,7 +423,7 @@ fn is_base64_or_empty(r: &str) -> bool {
     let padding = b.len() - body;
     body > 0
         && padding <= 2
-        && b.len() % 4 == 0
+        && b.len().is_multiple_of(4)
         && b[..body]
             .iter()
             .all(|&c| c.is_ascii_alphanumeric() || c == b'+' || c == b'/')
@@ -879,5 +879,597 @@ impl fmt::Display for Command {
                 initial_response: Some(r),
             } => write!(f, "AUTH {mechanism} {r}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::smtp::address::{Address, ForwardPath, ReversePath};
+    use crate::smtp::reply::EnhancedCode;
+
+    fn addr(s: &str) -> Address {
+        Address::parse(s).unwrap()
+    }
+
+    fn mail(from: Option<&str>) -> MailFrom {
+        MailFrom {
+            from: from.map_or(ReversePath::Null, |a| ReversePath::Address(addr(a))),
+            size: None,
+            body: None,
+            smtputf8: false,
+            ret: None,
+            envid: None,
+            auth: None,
+        }
+    }
+
+    fn rcpt(to: Option<&str>) -> RcptTo {
+        RcptTo {
+            to: to.map_or(ForwardPath::Postmaster, |a| ForwardPath::Address(addr(a))),
+            notify: None,
+            orcpt: None,
+        }
+    }
+
+    fn notify(never: bool, success: bool, failure: bool, delay: bool) -> Notify {
+        Notify {
+            never,
+            success,
+            failure,
+            delay,
+        }
+    }
+
+    /// Asserts each line parses to the expected command, and that rendering it
+    /// parses back to the same command.
+    fn check_ok(cases: Vec<(&[u8], Command)>) {
+        for (line, want) in cases {
+            let got = parse_command(line);
+            assert_eq!(
+                got.as_ref(),
+                Ok(&want),
+                "{:?}",
+                String::from_utf8_lossy(line)
+            );
+            let rendered = want.to_string();
+            assert_eq!(
+                parse_command(rendered.as_bytes()).as_ref(),
+                Ok(&want),
+                "re-render {rendered:?}"
+            );
+        }
+    }
+
+    /// (line, reply code, enhanced code).
+    type ErrCase<'a> = (&'a [u8], u16, (u8, u16, u16));
+
+    /// Asserts each line fails with the expected reply code and enhanced code.
+    fn check_err(cases: &[ErrCase]) {
+        for &(line, code, (c, s, d)) in cases {
+            let err = match parse_command(line) {
+                Ok(cmd) => panic!("{:?} parsed as {cmd:?}", String::from_utf8_lossy(line)),
+                Err(e) => e,
+            };
+            let r = err.reply();
+            assert_eq!(
+                (r.code(), r.enhanced()),
+                (code, Some(EnhancedCode::new(c, s, d))),
+                "{:?} -> {err:?}",
+                String::from_utf8_lossy(line)
+            );
+        }
+    }
+
+    #[test]
+    fn simple_verbs() {
+        check_ok(vec![
+            (b"DATA", Command::Data),
+            (b"data", Command::Data),
+            (b"DaTa  ", Command::Data),
+            (b"DATA\t", Command::Data),
+            (b"RSET", Command::Rset),
+            (b"rset", Command::Rset),
+            (b"QUIT", Command::Quit),
+            (b"Quit", Command::Quit),
+            (b"STARTTLS", Command::StartTls),
+            (b"starttls", Command::StartTls),
+            (b"NOOP", Command::Noop),
+            (b"noop anything at all", Command::Noop),
+            (b"HELP", Command::Help(None)),
+            (b"help mail", Command::Help(Some("mail".into()))),
+            (b"VRFY postmaster", Command::Vrfy("postmaster".into())),
+            (b"vrfy John Smith", Command::Vrfy("John Smith".into())),
+            (b"EXPN staff", Command::Expn("staff".into())),
+            (
+                b"EHLO mx.example.com",
+                Command::Ehlo("mx.example.com".into()),
+            ),
+            (b"ehlo  [192.0.2.1] ", Command::Ehlo("[192.0.2.1]".into())),
+            (b"EHLO [IPv6:::1]", Command::Ehlo("[IPv6:::1]".into())),
+            (
+                b"EHLO m\xc3\xbcnchen.de",
+                Command::Ehlo("münchen.de".into()),
+            ),
+            (b"HELO localhost", Command::Helo("localhost".into())),
+            (b"helo x_y", Command::Helo("x_y".into())),
+            (
+                b"BDAT 0",
+                Command::Bdat {
+                    size: 0,
+                    last: false,
+                },
+            ),
+            (
+                b"BDAT 1000 LAST",
+                Command::Bdat {
+                    size: 1000,
+                    last: true,
+                },
+            ),
+            (
+                b"bdat 18446744073709551615 last",
+                Command::Bdat {
+                    size: u64::MAX,
+                    last: true,
+                },
+            ),
+            (
+                b"AUTH PLAIN",
+                Command::Auth {
+                    mechanism: "PLAIN".into(),
+                    initial_response: None,
+                },
+            ),
+            (
+                b"auth login",
+                Command::Auth {
+                    mechanism: "LOGIN".into(),
+                    initial_response: None,
+                },
+            ),
+            (
+                b"AUTH PLAIN AHVzZXIAcGFzcw==",
+                Command::Auth {
+                    mechanism: "PLAIN".into(),
+                    initial_response: Some("AHVzZXIAcGFzcw==".into()),
+                },
+            ),
+            (
+                b"AUTH EXTERNAL =",
+                Command::Auth {
+                    mechanism: "EXTERNAL".into(),
+                    initial_response: Some("=".into()),
+                },
+            ),
+            (
+                b"AUTH SCRAM-SHA-256",
+                Command::Auth {
+                    mechanism: "SCRAM-SHA-256".into(),
+                    initial_response: None,
+                },
+            ),
+        ]);
+    }
+
+    #[test]
+    fn simple_verb_errors() {
+        check_err(&[
+            (b"", 500, (5, 5, 2)),
+            (b"   ", 500, (5, 5, 2)),
+            (b"FOO", 500, (5, 5, 1)),
+            (b"MAILX FROM:<a@b>", 500, (5, 5, 1)),
+            (b"STARTTLSX", 500, (5, 5, 1)),
+            (b"MAI", 500, (5, 5, 1)),
+            (b" DATA", 500, (5, 5, 1)),
+            (b"DATA\0", 500, (5, 5, 1)),
+            (b"M\xc3\xa4IL", 500, (5, 5, 1)),
+            (b"ETRN example.com", 500, (5, 5, 1)),
+            (b"MAIL\tFROM:<a@b>", 500, (5, 5, 1)),
+            (b"DATA x", 501, (5, 5, 4)),
+            (b"RSET x", 501, (5, 5, 4)),
+            (b"QUIT now", 501, (5, 5, 4)),
+            (b"STARTTLS x", 501, (5, 5, 4)),
+            (b"EHLO", 501, (5, 5, 4)),
+            (b"EHLO   ", 501, (5, 5, 4)),
+            (b"EHLO a b", 501, (5, 5, 4)),
+            (b"EHLO a\tb", 501, (5, 5, 4)),
+            (b"EHLO a\rb", 501, (5, 5, 4)),
+            (b"HELO", 501, (5, 5, 4)),
+            (b"VRFY", 501, (5, 5, 4)),
+            (b"EXPN ", 501, (5, 5, 4)),
+            (b"BDAT", 501, (5, 5, 4)),
+            (b"BDAT x", 501, (5, 5, 4)),
+            (b"BDAT -1", 501, (5, 5, 4)),
+            (b"BDAT +1", 501, (5, 5, 4)),
+            (b"BDAT 18446744073709551616", 501, (5, 5, 4)),
+            (b"BDAT 10 FIRST", 501, (5, 5, 4)),
+            (b"BDAT 10 LAST x", 501, (5, 5, 4)),
+            (b"AUTH", 501, (5, 5, 4)),
+            (b"AUTH PL@IN", 501, (5, 5, 4)),
+            (b"AUTH ABCDEFGHIJKLMNOPQRSTU", 501, (5, 5, 4)),
+            (b"AUTH PLAIN abc= x", 501, (5, 5, 4)),
+            (b"AUTH PLAIN not*base64", 501, (5, 5, 2)),
+            (b"AUTH PLAIN abc", 501, (5, 5, 2)),
+            (b"AUTH PLAIN a=bc", 501, (5, 5, 2)),
+            (b"AUTH PLAIN a===", 501, (5, 5, 2)),
+            // Invalid UTF-8 is rejected before the verb is looked at.
+            (b"EHLO \xff", 501, (5, 5, 2)),
+            (b"\xc3", 501, (5, 5, 2)),
+            (b"MAIL FROM:<\xc3\x28@x> SMTPUTF8", 501, (5, 5, 2)),
+            (b"RCPT TO:<a@\xed\xa0\x80>", 501, (5, 5, 2)),
+        ]);
+    }
+
+    #[test]
+    fn mail_from_valid() {
+        let with = |f: fn(&mut MailFrom)| {
+            let mut m = mail(Some("a@b.c"));
+            f(&mut m);
+            Command::Mail(m)
+        };
+        check_ok(vec![
+            (b"MAIL FROM:<a@b.c>", Command::Mail(mail(Some("a@b.c")))),
+            (b"mail from:<a@b.c>", Command::Mail(mail(Some("a@b.c")))),
+            (b"Mail From:<a@B.C>", Command::Mail(mail(Some("a@b.c")))),
+            // Postfix-style tolerance: space after the colon, extra spaces.
+            (b"MAIL FROM: <a@b.c>", Command::Mail(mail(Some("a@b.c")))),
+            (
+                b"MAIL  FROM:  <a@b.c>  ",
+                Command::Mail(mail(Some("a@b.c"))),
+            ),
+            (b"MAIL FROM:<>", Command::Mail(mail(None))),
+            (
+                b"MAIL FROM:<> SIZE=10",
+                Command::Mail(MailFrom {
+                    size: Some(10),
+                    ..mail(None)
+                }),
+            ),
+            // Source routes are accepted and stripped.
+            (
+                b"MAIL FROM:<@relay.example:a@b.c>",
+                Command::Mail(mail(Some("a@b.c"))),
+            ),
+            (
+                b"MAIL FROM:<@r1.example,@r2.example:a@b.c>",
+                Command::Mail(mail(Some("a@b.c"))),
+            ),
+            (
+                b"MAIL FROM:<\"a b\"@[192.0.2.1]>",
+                Command::Mail(mail(Some("\"a b\"@[192.0.2.1]"))),
+            ),
+            (
+                b"MAIL FROM:<postmaster@b.c>",
+                Command::Mail(mail(Some("postmaster@b.c"))),
+            ),
+            (
+                b"MAIL FROM:<a@b.c> SIZE=12345",
+                with(|m| m.size = Some(12345)),
+            ),
+            (b"MAIL FROM:<a@b.c> size=0", with(|m| m.size = Some(0))),
+            (
+                b"MAIL FROM:<a@b.c> BODY=8BITMIME",
+                with(|m| m.body = Some(BodyType::EightBitMime)),
+            ),
+            (
+                b"MAIL FROM:<a@b.c> body=8bitmime",
+                with(|m| m.body = Some(BodyType::EightBitMime)),
+            ),
+            (
+                b"MAIL FROM:<a@b.c> BODY=7BIT",
+                with(|m| m.body = Some(BodyType::SevenBit)),
+            ),
+            (
+                b"MAIL FROM:<a@b.c> BODY=BINARYMIME",
+                with(|m| m.body = Some(BodyType::BinaryMime)),
+            ),
+            (b"MAIL FROM:<a@b.c> SMTPUTF8", with(|m| m.smtputf8 = true)),
+            (
+                b"MAIL FROM:<a@b.c> RET=FULL",
+                with(|m| m.ret = Some(Ret::Full)),
+            ),
+            (
+                b"MAIL FROM:<a@b.c> ret=hdrs",
+                with(|m| m.ret = Some(Ret::Headers)),
+            ),
+            (
+                b"MAIL FROM:<a@b.c> ENVID=QQ314159",
+                with(|m| m.envid = Some("QQ314159".into())),
+            ),
+            (
+                b"MAIL FROM:<a@b.c> ENVID=a+2Bb+3Dc+20d",
+                with(|m| m.envid = Some("a+b=c d".into())),
+            ),
+            (
+                b"MAIL FROM:<a@b.c> AUTH=<>",
+                with(|m| m.auth = Some("<>".into())),
+            ),
+            (
+                b"MAIL FROM:<a@b.c> AUTH=e+2Bf@x.y",
+                with(|m| m.auth = Some("e+2Bf@x.y".into())),
+            ),
+            (
+                b"MAIL FROM:<a@b.c> SIZE=1 BODY=8BITMIME SMTPUTF8 RET=HDRS ENVID=x AUTH=<>",
+                with(|m| {
+                    m.size = Some(1);
+                    m.body = Some(BodyType::EightBitMime);
+                    m.smtputf8 = true;
+                    m.ret = Some(Ret::Headers);
+                    m.envid = Some("x".into());
+                    m.auth = Some("<>".into());
+                }),
+            ),
+            // UTF-8 addresses with SMTPUTF8.
+            (
+                "MAIL FROM:<用户@例え.jp> SMTPUTF8".as_bytes(),
+                Command::Mail(MailFrom {
+                    smtputf8: true,
+                    ..mail(Some("用户@例え.jp"))
+                }),
+            ),
+            // Relay tricks stay literal local parts.
+            (
+                b"MAIL FROM:<u%evil@ok>",
+                Command::Mail(mail(Some("u%evil@ok"))),
+            ),
+        ]);
+    }
+
+    #[test]
+    fn mail_from_errors() {
+        let long_local = format!("MAIL FROM:<{}@x>", "a".repeat(65));
+        let long_label = format!("MAIL FROM:<a@{}.x>", "a".repeat(64));
+        let long_envid = format!("MAIL FROM:<a@b> ENVID={}", "e".repeat(101));
+        check_err(&[
+            (b"MAIL", 501, (5, 5, 2)),
+            (b"MAIL TO:<a@b>", 501, (5, 5, 2)),
+            (b"MAIL FROM", 501, (5, 5, 2)),
+            (b"MAIL FROM:", 501, (5, 5, 2)),
+            (b"MAIL FROM:a@b", 501, (5, 5, 2)),
+            (b"MAIL FROM:<a@b", 501, (5, 5, 2)),
+            (b"MAIL FROM:<", 501, (5, 5, 2)),
+            (b"MAIL FROM:<a", 501, (5, 5, 2)),
+            (b"MAIL FROM:<a@b>SIZE=1", 501, (5, 5, 2)),
+            (b"MAIL FROM :<a@b>", 501, (5, 5, 2)),
+            (b"MAIL FROM:<a>", 501, (5, 1, 7)),
+            (b"MAIL FROM:<@b>", 501, (5, 1, 7)),
+            (b"MAIL FROM:<a@>", 501, (5, 1, 7)),
+            (b"MAIL FROM:<a b@c>", 501, (5, 1, 7)),
+            (b"MAIL FROM:<a@b c>", 501, (5, 1, 7)),
+            (b"MAIL FROM:<a..b@c>", 501, (5, 1, 7)),
+            (b"MAIL FROM:<a@b..c>", 501, (5, 1, 7)),
+            (b"MAIL FROM:<a@b.c.>", 501, (5, 1, 7)),
+            (b"MAIL FROM:<a@-b.c>", 501, (5, 1, 7)),
+            (b"MAIL FROM:<a@[1.2.3.999]>", 501, (5, 1, 7)),
+            (b"MAIL FROM:<a@[IPv6:zz]>", 501, (5, 1, 7)),
+            (b"MAIL FROM:<\"a@b>", 501, (5, 1, 7)),
+            (b"MAIL FROM:<@r:>", 501, (5, 1, 7)),
+            (b"MAIL FROM:<@r,a@b>", 501, (5, 1, 7)),
+            (b"MAIL FROM:<Postmaster>", 501, (5, 1, 7)),
+            (long_local.as_bytes(), 501, (5, 1, 7)),
+            (long_label.as_bytes(), 501, (5, 1, 7)),
+            // Parameters.
+            (b"MAIL FROM:<a@b> FOO=bar", 555, (5, 5, 4)),
+            (b"MAIL FROM:<a@b> NOTIFY=NEVER", 555, (5, 5, 4)),
+            (b"MAIL FROM:<a@b> SIZE=1 SIZE=2", 555, (5, 5, 4)),
+            (b"MAIL FROM:<a@b> BODY=7BIT BODY=8BITMIME", 555, (5, 5, 4)),
+            (b"MAIL FROM:<a@b> SMTPUTF8 SMTPUTF8", 555, (5, 5, 4)),
+            (b"MAIL FROM:<a@b> RET=FULL RET=HDRS", 555, (5, 5, 4)),
+            (b"MAIL FROM:<a@b> ENVID=x ENVID=y", 555, (5, 5, 4)),
+            (b"MAIL FROM:<a@b> AUTH=<> AUTH=<>", 555, (5, 5, 4)),
+            (b"MAIL FROM:<a@b> SIZE", 501, (5, 5, 4)),
+            (b"MAIL FROM:<a@b> SIZE=", 501, (5, 5, 4)),
+            (b"MAIL FROM:<a@b> SIZE=abc", 501, (5, 5, 4)),
+            (b"MAIL FROM:<a@b> SIZE=-1", 501, (5, 5, 4)),
+            (b"MAIL FROM:<a@b> SIZE=99999999999999999999", 501, (5, 5, 4)),
+            (b"MAIL FROM:<a@b> BODY=foo", 501, (5, 5, 4)),
+            (b"MAIL FROM:<a@b> BODY", 501, (5, 5, 4)),
+            (b"MAIL FROM:<a@b> SMTPUTF8=yes", 501, (5, 5, 4)),
+            (b"MAIL FROM:<a@b> RET=ALL", 501, (5, 5, 4)),
+            (b"MAIL FROM:<a@b> ENVID=a+2", 501, (5, 5, 4)),
+            (b"MAIL FROM:<a@b> ENVID=a+2b", 501, (5, 5, 4)),
+            (b"MAIL FROM:<a@b> ENVID=a+0D+0Ab", 501, (5, 5, 4)),
+            (b"MAIL FROM:<a@b> ENVID=+FF", 501, (5, 5, 4)),
+            (long_envid.as_bytes(), 501, (5, 5, 4)),
+            (b"MAIL FROM:<a@b> AUTH=a+zz", 501, (5, 5, 4)),
+            (b"MAIL FROM:<a@b> =x", 501, (5, 5, 4)),
+            (b"MAIL FROM:<a@b> -X=1", 501, (5, 5, 4)),
+            (b"MAIL FROM:<a@b> X_Y=1", 501, (5, 5, 4)),
+            (b"MAIL FROM:<a@b> X=a=b", 501, (5, 5, 4)),
+            (b"MAIL FROM:<a@b> SIZE=1\tBODY=7BIT", 501, (5, 5, 4)),
+            (b"MAIL FROM:<a@b> ENVID=\xc3\xbc", 501, (5, 5, 4)),
+            // UTF-8 address without SMTPUTF8.
+            ("MAIL FROM:<用户@x>".as_bytes(), 553, (5, 6, 7)),
+            ("MAIL FROM:<u@bücher.de>".as_bytes(), 553, (5, 6, 7)),
+            ("MAIL FROM:<\"ü\"@x> SIZE=1".as_bytes(), 553, (5, 6, 7)),
+        ]);
+    }
+
+    #[test]
+    fn rcpt_to_valid() {
+        let with = |f: fn(&mut RcptTo)| {
+            let mut r = rcpt(Some("a@b.c"));
+            f(&mut r);
+            Command::Rcpt(r)
+        };
+        check_ok(vec![
+            (b"RCPT TO:<a@b.c>", Command::Rcpt(rcpt(Some("a@b.c")))),
+            (b"rcpt to:<a@b.c>", Command::Rcpt(rcpt(Some("a@b.c")))),
+            (b"RCPT TO: <a@b.c> ", Command::Rcpt(rcpt(Some("a@b.c")))),
+            (b"RCPT TO:<Postmaster>", Command::Rcpt(rcpt(None))),
+            (b"RCPT TO:<postmaster>", Command::Rcpt(rcpt(None))),
+            (
+                b"RCPT TO:<POSTMASTER> NOTIFY=NEVER",
+                Command::Rcpt(RcptTo {
+                    notify: Some(notify(true, false, false, false)),
+                    ..rcpt(None)
+                }),
+            ),
+            (
+                b"RCPT TO:<postmaster@b.c>",
+                Command::Rcpt(rcpt(Some("postmaster@b.c"))),
+            ),
+            (
+                b"RCPT TO:<@hop1,@hop2:a@b.c>",
+                Command::Rcpt(rcpt(Some("a@b.c"))),
+            ),
+            // Relay tricks: the local part stays literal, the host is the last one.
+            (
+                b"RCPT TO:<u%evil@ok>",
+                Command::Rcpt(rcpt(Some("u%evil@ok"))),
+            ),
+            (
+                b"RCPT TO:<\"u@evil\"@ok>",
+                Command::Rcpt(rcpt(Some("\"u@evil\"@ok"))),
+            ),
+            (
+                b"RCPT TO:<evil!u@ok>",
+                Command::Rcpt(rcpt(Some("evil!u@ok"))),
+            ),
+            (
+                b"RCPT TO:<u@[IPv6:2001:db8::1]>",
+                Command::Rcpt(rcpt(Some("u@[IPv6:2001:db8::1]"))),
+            ),
+            (
+                b"RCPT TO:<u@[x-tag:abc]>",
+                Command::Rcpt(rcpt(Some("u@[x-tag:abc]"))),
+            ),
+            // The parser accepts UTF-8 in RCPT; the session checks needs_smtputf8().
+            (
+                "RCPT TO:<用户@例え.jp>".as_bytes(),
+                Command::Rcpt(rcpt(Some("用户@例え.jp"))),
+            ),
+            (
+                b"RCPT TO:<a@b.c> NOTIFY=NEVER",
+                with(|r| r.notify = Some(notify(true, false, false, false))),
+            ),
+            (
+                b"RCPT TO:<a@b.c> notify=success",
+                with(|r| r.notify = Some(notify(false, true, false, false))),
+            ),
+            (
+                b"RCPT TO:<a@b.c> NOTIFY=SUCCESS,FAILURE,DELAY",
+                with(|r| r.notify = Some(notify(false, true, true, true))),
+            ),
+            (
+                b"RCPT TO:<a@b.c> NOTIFY=DELAY,FAILURE",
+                with(|r| r.notify = Some(notify(false, false, true, true))),
+            ),
+            (
+                b"RCPT TO:<a@b.c> ORCPT=rfc822;a+2Bx@b.c",
+                with(|r| {
+                    r.orcpt = Some(Orcpt {
+                        addr_type: "rfc822".into(),
+                        address: "a+x@b.c".into(),
+                    })
+                }),
+            ),
+            (
+                b"RCPT TO:<a@b.c> ORCPT=RFC822;+22a+20b+22@b.c NOTIFY=FAILURE",
+                with(|r| {
+                    r.orcpt = Some(Orcpt {
+                        addr_type: "RFC822".into(),
+                        address: "\"a b\"@b.c".into(),
+                    });
+                    r.notify = Some(notify(false, false, true, false));
+                }),
+            ),
+            (
+                b"RCPT TO:<a@b.c> ORCPT=utf-8;u+C3+BC@b.c",
+                with(|r| {
+                    r.orcpt = Some(Orcpt {
+                        addr_type: "utf-8".into(),
+                        address: "u\u{fc}@b.c".into(),
+                    })
+                }),
+            ),
+        ]);
+    }
+
+    #[test]
+    fn rcpt_to_errors() {
+        let long_domain = format!("RCPT TO:<a@{l}.{l}.{l}.{l}.x>", l = "a".repeat(63));
+        check_err(&[
+            (b"RCPT", 501, (5, 5, 2)),
+            (b"RCPT FROM:<a@b>", 501, (5, 5, 2)),
+            (b"RCPT TO:a@b", 501, (5, 5, 2)),
+            (b"RCPT TO:<a@b", 501, (5, 5, 2)),
+            (b"RCPT TO:<a@b>NOTIFY=NEVER", 501, (5, 5, 2)),
+            (b"RCPT TO:<>", 501, (5, 1, 3)),
+            (b"RCPT TO:<a>", 501, (5, 1, 3)),
+            (b"RCPT TO:<a@b@c>", 501, (5, 1, 3)),
+            (b"RCPT TO:<Postmaster >", 501, (5, 1, 3)),
+            (b"RCPT TO:<Postmasters>", 501, (5, 1, 3)),
+            (b"RCPT TO:<@a:Postmaster>", 501, (5, 1, 3)),
+            (b"RCPT TO:<a@b_c>", 501, (5, 1, 3)),
+            (b"RCPT TO:<a@[1.2.3.4>", 501, (5, 1, 3)),
+            (long_domain.as_bytes(), 501, (5, 1, 3)),
+            (b"RCPT TO:<a@b> SIZE=1", 555, (5, 5, 4)),
+            (b"RCPT TO:<a@b> NOTIFY=NEVER NOTIFY=NEVER", 555, (5, 5, 4)),
+            (
+                b"RCPT TO:<a@b> ORCPT=rfc822;x ORCPT=rfc822;y",
+                555,
+                (5, 5, 4),
+            ),
+            (b"RCPT TO:<a@b> NOTIFY=NEVER,SUCCESS", 501, (5, 5, 4)),
+            (b"RCPT TO:<a@b> NOTIFY=SUCCESS,NEVER", 501, (5, 5, 4)),
+            (b"RCPT TO:<a@b> NOTIFY=SUCCESS,", 501, (5, 5, 4)),
+            (b"RCPT TO:<a@b> NOTIFY=SOMETIMES", 501, (5, 5, 4)),
+            (b"RCPT TO:<a@b> NOTIFY", 501, (5, 5, 4)),
+            (b"RCPT TO:<a@b> ORCPT=rfc822", 501, (5, 5, 4)),
+            (b"RCPT TO:<a@b> ORCPT=;a@b", 501, (5, 5, 4)),
+            (b"RCPT TO:<a@b> ORCPT=rfc822;", 501, (5, 5, 4)),
+            (b"RCPT TO:<a@b> ORCPT=rf.c;a@b", 501, (5, 5, 4)),
+            (b"RCPT TO:<a@b> ORCPT=rfc822;a+0Ab", 501, (5, 5, 4)),
+            (b"RCPT TO:<a@b> ORCPT=rfc822;a+", 501, (5, 5, 4)),
+        ]);
+    }
+
+    #[test]
+    fn unknown_parameter_reply_echoes_bounded_keyword() {
+        let line = format!("MAIL FROM:<a@b> {}=1", "K".repeat(100));
+        let r = parse_command(line.as_bytes()).unwrap_err().reply();
+        assert_eq!(
+            r.text(),
+            format!("Unsupported parameter {}", "K".repeat(32))
+        );
+    }
+
+    #[test]
+    fn utf8_reply_is_shared() {
+        let err = parse_command("MAIL FROM:<ü@x>".as_bytes()).unwrap_err();
+        assert_eq!(err, CommandError::Smtputf8Required);
+        assert_eq!(err.reply(), utf8_error_reply());
+        assert_eq!(
+            utf8_error_reply().to_bytes(),
+            b"553 5.6.7 SMTPUTF8 required for non-ASCII address\r\n"
+        );
+    }
+
+    #[test]
+    fn relayed_address_is_exactly_as_given() {
+        let Ok(Command::Rcpt(r)) = parse_command(b"RCPT TO:<\"u@evil\"@ok.example>") else {
+            panic!("should parse");
+        };
+        let ForwardPath::Address(a) = r.to else {
+            panic!("address")
+        };
+        assert_eq!(a.local_part(), "\"u@evil\"");
+        assert_eq!(a.domain().map(|d| d.as_str()), Some("ok.example"));
+        assert_eq!(a.to_string(), "\"u@evil\"@ok.example");
+    }
+
+    #[test]
+    fn xtext_round_trip() {
+        for s in ["", "plain", "a+b=c d", "ü<>\"\\", "~!"] {
+            let mut e = String::new();
+            xtext_encode(s, &mut e);
+            assert!(is_xtext(&e), "{e}");
+            assert_eq!(xtext_decode(&e).as_deref(), Some(s), "{e}");
+        }
+        assert_eq!(xtext_decode("+2b"), None, "hex must be upper case");
+        assert_eq!(xtext_decode("a=b"), None);
+        assert_eq!(xtext_decode("a b"), None);
     }
 }
