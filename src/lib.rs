@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod delivery;
 pub mod metrics;
 pub mod server;
 pub mod smtp;

@@ -2,6 +2,7 @@
 //! server session. Nothing in here does I/O or reads the clock.
 
 pub mod address;
+pub mod client;
 pub mod command;
 pub mod data;
 pub mod reply;

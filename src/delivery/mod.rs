@@ -1,0 +1,8 @@
+//! Delivery: per-domain queues on the owning shard, MX resolution, pooled
+//! outbound connections driven by the sans-IO [`crate::smtp::client`] core,
+//! retry with backoff, and RFC 3464 bounces.
+
+pub mod dns;
+pub mod dsn;
+pub mod log;
+pub mod route;
