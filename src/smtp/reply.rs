@@ -176,6 +176,123 @@ impl Reply {
     }
 }
 
+/// Longest reply line we accept from a remote server, CRLF included. RFC 5321
+/// §4.5.3.1.5 sets 512; real servers exceed it a little, so allow more but
+/// stay bounded so a hostile peer cannot grow our memory.
+pub const MAX_REPLY_LINE: usize = 2048;
+
+/// Most lines in one reply (EHLO answers have a dozen or so).
+pub const MAX_REPLY_LINES: usize = 128;
+
+/// A remote server sent something that is not an SMTP reply.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ReplyParseError {
+    /// A line without a three-digit code and a separator.
+    #[error("malformed reply line: {0:?}")]
+    Malformed(String),
+    /// The lines of a multi-line reply carry different codes.
+    #[error("reply code changed within a multi-line reply ({first} then {then})")]
+    MixedCodes {
+        /// The first line's code.
+        first: u16,
+        /// The offending line's code.
+        then: u16,
+    },
+    /// A line longer than [`MAX_REPLY_LINE`] or more than [`MAX_REPLY_LINES`] lines.
+    #[error("reply too long")]
+    TooLong,
+}
+
+impl Reply {
+    /// Parses one complete reply from the front of `input` (the bytes a
+    /// server sent). Returns `Ok(None)` when more input is needed, or the
+    /// reply and how many bytes it took. Incremental by re-parsing: replies
+    /// are short, and a client holds at most one partial reply.
+    ///
+    /// Lines may end in CRLF or, leniently, a bare LF (some servers do). An
+    /// enhanced status code (RFC 2034) is recognised when the first line's
+    /// text starts with one whose class matches the reply code; it is then
+    /// stripped from every line that repeats it.
+    pub fn parse(input: &[u8]) -> Result<Option<(Reply, usize)>, ReplyParseError> {
+        let mut pos = 0;
+        let mut code = None;
+        let mut raw_lines: Vec<&[u8]> = Vec::new();
+        loop {
+            let rest = &input[pos..];
+            let Some(lf) = memchr::memchr(b'\n', rest) else {
+                if rest.len() >= MAX_REPLY_LINE {
+                    return Err(ReplyParseError::TooLong);
+                }
+                return Ok(None);
+            };
+            if lf + 1 > MAX_REPLY_LINE {
+                return Err(ReplyParseError::TooLong);
+            }
+            let mut line = &rest[..lf];
+            if let [head @ .., b'\r'] = line {
+                line = head;
+            }
+            pos += lf + 1;
+            let malformed =
+                || ReplyParseError::Malformed(String::from_utf8_lossy(line).into_owned());
+            if line.len() < 3 || !line[..3].iter().all(u8::is_ascii_digit) {
+                return Err(malformed());
+            }
+            let this = u16::from(line[0] - b'0') * 100
+                + u16::from(line[1] - b'0') * 10
+                + u16::from(line[2] - b'0');
+            if !(200..600).contains(&this) {
+                return Err(malformed());
+            }
+            match code {
+                None => code = Some(this),
+                Some(first) if first != this => {
+                    return Err(ReplyParseError::MixedCodes { first, then: this })
+                }
+                Some(_) => {}
+            }
+            let (last, text) = match line.get(3) {
+                None => (true, &line[3..]),
+                Some(b' ') => (true, &line[4..]),
+                Some(b'-') => (false, &line[4..]),
+                Some(_) => return Err(malformed()),
+            };
+            raw_lines.push(text);
+            if last {
+                break;
+            }
+            if raw_lines.len() >= MAX_REPLY_LINES {
+                return Err(ReplyParseError::TooLong);
+            }
+        }
+        let code = code.expect("at least one line was parsed");
+        let enhanced = raw_lines
+            .first()
+            .and_then(|t| leading_enhanced_code(t))
+            .filter(|(e, _)| u16::from(e.class) == code / 100)
+            .map(|(e, _)| e);
+        let lines = raw_lines
+            .iter()
+            .map(|t| {
+                let t = match (enhanced, leading_enhanced_code(t)) {
+                    (Some(e), Some((here, rest))) if here == e => rest,
+                    _ => t,
+                };
+                String::from_utf8_lossy(t).into_owned()
+            })
+            .collect();
+        Ok(Some((Reply::from_parts(code, enhanced, lines), pos)))
+    }
+}
+
+/// `"5.1.1 text"` -> (5.1.1, `"text"`).
+fn leading_enhanced_code(text: &[u8]) -> Option<(EnhancedCode, &[u8])> {
+    let end = text.iter().position(|&b| b == b' ').unwrap_or(text.len());
+    let code = EnhancedCode::parse(std::str::from_utf8(&text[..end]).ok()?)?;
+    let rest = text.get(end + 1..).unwrap_or(&[]);
+    Some((code, rest))
+}
+
 fn itoa3(code: u16) -> [u8; 3] {
     [
         b'0' + (code / 100 % 10) as u8,
@@ -246,5 +363,84 @@ mod tests {
         );
         assert_eq!(EnhancedCode::parse("3.1.1"), None);
         assert_eq!(EnhancedCode::parse("5.1"), None);
+    }
+
+    #[test]
+    fn parse_replies() {
+        type Want = (u16, Option<&'static str>, &'static [&'static str], usize);
+        let table: &[(&[u8], Option<Want>)] = &[
+            (b"250 2.1.0 Ok\r\n", Some((250, Some("2.1.0"), &["Ok"], 14))),
+            (
+                b"220 mx ESMTP\r\nrest",
+                Some((220, None, &["mx ESMTP"], 14)),
+            ),
+            (
+                b"250-mx\r\n250-PIPELINING\r\n250 SIZE 10\r\n",
+                Some((250, None, &["mx", "PIPELINING", "SIZE 10"], 37)),
+            ),
+            (
+                b"550-5.1.1 no\r\n550 5.1.1 such user\r\n",
+                Some((550, Some("5.1.1"), &["no", "such user"], 35)),
+            ),
+            (b"451 4.3.0\r\n", Some((451, Some("4.3.0"), &[""], 11))),
+            (b"250\r\n", Some((250, None, &[""], 5))),
+            (b"250 ok\n", Some((250, None, &["ok"], 7))),
+            // A mismatched class is text, not an enhanced code.
+            (b"250 5.0.0 odd\r\n", Some((250, None, &["5.0.0 odd"], 15))),
+            (b"250-mx\r\n250 SIZE", None),
+            (b"25", None),
+            (b"", None),
+        ];
+        for &(input, want) in table {
+            let got = Reply::parse(input).unwrap();
+            let name = String::from_utf8_lossy(input).escape_debug().to_string();
+            match (got, want) {
+                (None, None) => {}
+                (Some((r, n)), Some((code, enh, lines, used))) => {
+                    assert_eq!(r.code(), code, "{name}");
+                    assert_eq!(
+                        r.enhanced().map(|e| e.to_string()).as_deref(),
+                        enh,
+                        "{name}"
+                    );
+                    assert_eq!(r.lines().collect::<Vec<_>>(), lines, "{name}");
+                    assert_eq!(n, used, "{name}");
+                }
+                (got, want) => panic!("{name}: got {got:?}, want {want:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn parse_round_trips_what_we_write() {
+        for r in [
+            Reply::new(250, EnhancedCode::new(2, 0, 0), "Ok: queued as X"),
+            Reply::multiline(250, vec!["a".into(), "b c".into()]),
+            Reply::new(554, EnhancedCode::new(5, 7, 1), "Relay access denied"),
+        ] {
+            let bytes = r.to_bytes();
+            assert_eq!(Reply::parse(&bytes).unwrap(), Some((r, bytes.len())));
+        }
+    }
+
+    #[test]
+    fn parse_rejects_garbage_and_bounds_memory() {
+        for bad in [
+            &b"hello\r\n"[..],
+            b"2500 x\r\n",
+            b"099 x\r\n",
+            b"250-a\r\n251 b\r\n",
+            b"250_x\r\n",
+        ] {
+            assert!(
+                Reply::parse(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        let long = vec![b'2'; MAX_REPLY_LINE];
+        assert_eq!(Reply::parse(&long), Err(ReplyParseError::TooLong));
+        let many = b"250-x\r\n".repeat(MAX_REPLY_LINES + 1);
+        assert_eq!(Reply::parse(&many), Err(ReplyParseError::TooLong));
     }
 }
