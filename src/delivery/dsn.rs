@@ -449,6 +449,16 @@ pub fn build(input: &DsnInput<'_>) -> Option<Dsn> {
     out.extend_from_slice(boundary.as_bytes());
     out.extend_from_slice(b"--\r\n");
 
+    tracing::debug!(
+        original = %env.id,
+        dsn = %input.dsn_id,
+        recipients = input.recipients.len(),
+        returned = if full { "full" } else { "headers" },
+        size = out.len(),
+        body_8bit,
+        smtputf8 = utf8,
+        "DSN built"
+    );
     Some(Dsn {
         message: out,
         body_8bit,
