@@ -45,6 +45,37 @@ fn bench(c: &mut Criterion) {
             .unwrap_or_else(|e| panic!("smtp-proto 0.2 rejects {b:?}: {e:?}"));
     }
 
+    // The machine is shared and noisy and criterion reports means: first the
+    // best of many interleaved rounds, which is robust to load.
+    const ROUNDS: usize = 3000;
+    let mut best = [f64::MAX; 3];
+    for _ in 0..ROUNDS {
+        let t = std::time::Instant::now();
+        for line in &ours {
+            black_box(parse_command(black_box(line)).ok());
+        }
+        best[0] = best[0].min(t.elapsed().as_secs_f64());
+        let t = std::time::Instant::now();
+        for line in &theirs {
+            black_box(smtp_proto_latest::Request::parse(&mut black_box(line).iter()).ok());
+        }
+        best[1] = best[1].min(t.elapsed().as_secs_f64());
+        let t = std::time::Instant::now();
+        for line in &theirs {
+            black_box(Request::parse(&mut black_box(line).iter()).ok());
+        }
+        best[2] = best[2].min(t.elapsed().as_secs_f64());
+    }
+    let per = |t: f64| t * 1e9 / LINES.len() as f64;
+    println!(
+        "best of {ROUNDS} interleaved rounds, ns per command: sluice {:.1}; smtp_proto_0_2 {:.1} (sluice x{:.2} as fast); smtp_proto_0_1 {:.1} (x{:.2})",
+        per(best[0]),
+        per(best[1]),
+        best[1] / best[0],
+        per(best[2]),
+        best[2] / best[0]
+    );
+
     let mut g = c.benchmark_group("command_parser");
     g.warm_up_time(Duration::from_millis(500));
     g.measurement_time(Duration::from_secs(3));

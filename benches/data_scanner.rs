@@ -158,7 +158,64 @@ fn memcpy(input: &[u8], out: &mut Vec<u8>) {
     }
 }
 
+type Decoder = fn(&[u8], &mut Vec<u8>);
+
+fn read_until_alloc(input: &[u8], out: &mut Vec<u8>) {
+    read_until(input, out, &mut Vec::with_capacity(1024));
+}
+
+/// This machine is shared and noisy, and criterion reports means. Before the
+/// criterion groups, each decoder is timed on the same input, interleaved
+/// round by round, and the best of `ROUNDS` is kept: the minimum is what the
+/// code can do when it has the core, and interleaving makes the ratios fair.
+fn best_of_interleaved() {
+    const ROUNDS: usize = 200;
+    let decoders: [(&str, Decoder); 6] = [
+        ("sluice", sluice),
+        ("smtp_proto_0_2", smtp_proto_0_2),
+        ("smtp_proto_0_1", smtp_proto_0_1),
+        ("read_until", read_until_alloc),
+        ("bytewise", bytewise),
+        ("memcpy", memcpy),
+    ];
+    println!("best of {ROUNDS} interleaved rounds (GB/s = 1e9 bytes/s), ratio = sluice / decoder:");
+    for (kind, stuff) in [("clean", None), ("stuffed_1pct", Some(100))] {
+        for (label, size) in [
+            ("4KiB", 4 * 1024),
+            ("64KiB", 64 * 1024),
+            ("1MiB", 1024 * 1024),
+        ] {
+            let input = make_body(size, stuff);
+            let mut out = Vec::with_capacity(input.len());
+            let mut best = [f64::MAX; 6];
+            let reps = (4 * 1024 * 1024 / input.len()).max(1);
+            for _ in 0..ROUNDS {
+                for (k, (_, f)) in decoders.iter().enumerate() {
+                    let t = std::time::Instant::now();
+                    for _ in 0..reps {
+                        out.clear();
+                        f(black_box(&input), &mut out);
+                        black_box(out.len());
+                    }
+                    best[k] = best[k].min(t.elapsed().as_secs_f64() / reps as f64);
+                }
+            }
+            let gbs = |t: f64| input.len() as f64 / t / 1e9;
+            let mut line = format!("  {kind:>12} {label:>5}:");
+            for (k, (name, _)) in decoders.iter().enumerate() {
+                line += &format!(" {name} {:.2}", gbs(best[k]));
+                if k > 0 {
+                    line += &format!(" (x{:.2})", best[k] / best[0]);
+                }
+                line += ";";
+            }
+            println!("{line}");
+        }
+    }
+}
+
 fn bench(c: &mut Criterion) {
+    best_of_interleaved();
     for (kind, stuff) in [("clean", None), ("stuffed_1pct", Some(100))] {
         let mut g = c.benchmark_group(format!("data_scanner/{kind}"));
         g.warm_up_time(Duration::from_millis(500));

@@ -536,16 +536,11 @@ impl<'a> Iterator for Params<'a> {
             return None;
         }
         let start = i;
-        let mut eq = None;
-        while i < b.len() && b[i] != b' ' {
-            if b[i] == b'=' && eq.is_none() {
-                eq = Some(i - start);
-            }
-            i += 1;
-        }
+        let end = memchr::memchr(b' ', &b[start..]).map_or(b.len(), |n| start + n);
+        let eq = memchr::memchr(b'=', &b[start..end]);
         // Spaces are ASCII, so both ends are char boundaries.
-        let word = &self.rest[start..i];
-        self.rest = &self.rest[i..];
+        let word = &self.rest[start..end];
+        self.rest = &self.rest[end..];
         Some(split_param(word, eq))
     }
 }

@@ -804,12 +804,13 @@ fn a_state_waiting_for_the_driver_consumes_nothing() {
     // Everything up to the first RCPT is taken, then the session waits.
     let n = s.handle_input(now, &batch);
     assert_eq!(n, mail.len() + rcpt1.len());
-    assert!(matches!(
-        s.poll_event(),
-        Some(Event::CheckRecipient { .. })
-    ));
+    assert!(matches!(s.poll_event(), Some(Event::CheckRecipient { .. })));
     assert!(!s.wants_input());
-    assert_eq!(s.handle_input(now, &batch[n..]), 0, "no input while waiting");
+    assert_eq!(
+        s.handle_input(now, &batch[n..]),
+        0,
+        "no input while waiting"
+    );
     s.answer_recipient(now, Ok(()));
     assert!(s.wants_input());
     let m = s.handle_input(now, &batch[n..]);
@@ -882,9 +883,9 @@ fn data_phase_rejections_carry_matching_enhanced_codes() {
     let mut out = String::new();
     let tx = b"MAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\n";
     for body in [
-        vec![b'x'; 200],          // too big: 552 5.3.4
-        [b'y'; 60].to_vec(),      // line too long: 550 5.6.0
-        b"bare\nlf".to_vec(),     // bare LF under reject: 550 5.6.0
+        vec![b'x'; 200],      // too big: 552 5.3.4
+        [b'y'; 60].to_vec(),  // line too long: 550 5.6.0
+        b"bare\nlf".to_vec(), // bare LF under reject: 550 5.6.0
     ] {
         out += &h.send(tx);
         out += &h.send(b"DATA\r\n");
