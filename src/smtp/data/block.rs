@@ -71,11 +71,11 @@ impl BlockTest for Sse2 {
             let (here, next) = (load(here), load(next));
             let lf_here = eq(here, lf);
             // CR at p exactly when LF at p + 1.
-            bad = bad | (eq(here, cr) ^ eq(next, lf));
+            bad |= eq(here, cr) ^ eq(next, lf);
             if DOT {
-                bad = bad | (lf_here & eq(next, dot));
+                bad |= lf_here & eq(next, dot);
             }
-            any_lf = any_lf | lf_here;
+            any_lf |= lf_here;
         }
         BlockFlags {
             needs_attention: move_mask_i8_m128i(bad) != 0,
