@@ -1,7 +1,8 @@
 //! Instruction count of warm-cache DNS lookups, for callgrind (stable on a
 //! noisy machine, unlike wall time). Runs `N` lookups in bursts of 100:
 //! `none` (start-up only), `base` (the bare channel + oneshot round trip to a
-//! tokio thread) or `mx` (`Resolver::mx` served from hickory's cache).
+//! tokio thread), `mx` (`Resolver::mx` served from hickory's cache) or `mx1`
+//! (the same, one at a time instead of bursts).
 //! Per-lookup cost = (Ir(mode, N2) - Ir(mode, N1)) / (N2 - N1):
 //!
 //! ```text
@@ -52,6 +53,11 @@ fn main() {
                 let pending: Vec<_> = (0..100).map(|_| resolver.mx("example.test")).collect();
                 for p in pending {
                     block_on(p).expect("cached answer");
+                }
+            }
+            "mx1" => {
+                for _ in 0..100 {
+                    block_on(resolver.mx("example.test")).expect("cached answer");
                 }
             }
             "base" => {
