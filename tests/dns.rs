@@ -12,7 +12,7 @@ use sluice::delivery::route::{Routes, Source};
 
 fn config(dns: &TestDns, tail: &str) -> Config {
     Config::parse(&format!(
-        "[dns]\nnameservers = [\"{}\"]\ntimeout_ms = 300\nattempts = 1\n[delivery]\nport = 2526\n{tail}",
+        "[dns]\nnameservers = [\"{}\"]\ntimeout_ms = 5000\nattempts = 1\n[delivery]\nport = 2526\n{tail}",
         dns.addr()
     ))
     .unwrap()
