@@ -16,7 +16,9 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use util::{parse_duration, parse_loopback_addr, parse_size};
+use util::{
+    check_loopback, parse_addr, parse_duration, parse_loopback_addr, parse_probability, parse_size,
+};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -96,33 +98,51 @@ struct SendArgs {
 
 #[derive(clap::Args, Debug)]
 struct SinkArgs {
-    /// Address to listen on (loopback only; port 0 = any free port).
-    #[arg(long, default_value = "127.0.0.1:2526", value_parser = parse_loopback_addr)]
-    listen: SocketAddr,
-    /// Write the bound address here once listening.
+    /// Address to listen on; repeat for several (loopback only; port 0 = any free port).
+    #[arg(long, value_parser = parse_addr)]
+    listen: Vec<SocketAddr>,
+    /// Written atomically with every bound address, one per line, once all are listening.
     #[arg(long)]
     ready_file: Option<PathBuf>,
-    /// Reply code for every RCPT (e.g. 250, 450, 550).
-    #[arg(long, default_value_t = 250, value_parser = clap::value_parser!(u16).range(200..=599))]
-    reply_rcpt: u16,
-    /// Final reply code after the data (e.g. 250, 451, 554).
-    #[arg(long, default_value_t = 250, value_parser = clap::value_parser!(u16).range(200..=599))]
-    reply_data: u16,
-    /// The first N transactions get 451 at end of data, later ones are accepted.
-    #[arg(long, default_value_t = 0)]
-    fail_first: u64,
-    /// Most concurrent connections (one thread each); more get 421.
-    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=100_000))]
-    max_connections: u64,
-    /// Write stats JSON here (atomically) as they change and on SIGTERM.
+    /// Append one line per accepted message: its X-Sluice-Load-Id, else its Message-ID.
     #[arg(long)]
-    stats_file: Option<PathBuf>,
+    received: Option<PathBuf>,
     /// Store each accepted message as DIR/NNNNNNNN.eml plus DIR/NNNNNNNN.json (envelope).
     #[arg(long)]
     store: Option<PathBuf>,
+    /// Write stats JSON here (atomically) as they change and on SIGTERM.
+    #[arg(long)]
+    stats_file: Option<PathBuf>,
+    /// Share of messages answered 451 4.3.0 at the end of data (0..1 or N%).
+    #[arg(long, default_value = "0", value_parser = parse_probability)]
+    tempfail_rate: f64,
+    /// Share of messages answered 554 5.6.0 at the end of data.
+    #[arg(long, default_value = "0", value_parser = parse_probability)]
+    permfail_rate: f64,
+    /// Share of messages whose connection is closed instead of answering the final dot.
+    #[arg(long, default_value = "0", value_parser = parse_probability)]
+    drop_rate: f64,
+    /// Hold back the answer to the end of every message this long (e.g. 200ms).
+    #[arg(long, default_value = "0", value_parser = parse_duration)]
+    delay: Duration,
+    /// Reply code for every RCPT not decided by its local part (e.g. 250, 450, 550).
+    #[arg(long, default_value_t = 250, value_parser = clap::value_parser!(u16).range(200..=599))]
+    reply_rcpt: u16,
+    /// Final reply code after the data when no fault fires (e.g. 250, 451, 554).
+    #[arg(long, default_value_t = 250, value_parser = clap::value_parser!(u16).range(200..=599))]
+    reply_data: u16,
+    /// The first N messages get 451 at end of data, later ones the normal reply.
+    #[arg(long, default_value_t = 0)]
+    fail_first: u64,
+    /// Most concurrent connections; more get 421 and are closed.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    max_connections: u64,
     /// SIZE limit advertised and enforced.
     #[arg(long, default_value = "100m", value_parser = parse_size)]
     max_message_size: usize,
+    /// Recipients accepted per message (more get 452 4.5.3).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    max_recipients: u64,
     /// Close a connection idle for this long.
     #[arg(long, default_value = "300s", value_parser = parse_duration)]
     idle_timeout: Duration,
@@ -135,6 +155,18 @@ struct SinkArgs {
     /// Do not advertise CHUNKING.
     #[arg(long)]
     no_chunking: bool,
+    /// Event-loop threads (default: one per CPU, at most 4).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=256))]
+    threads: Option<u64>,
+    /// Seed for the fault-rate random streams.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// No console lines (per second and at exit).
+    #[arg(long)]
+    quiet: bool,
+    /// Allow listening on addresses outside 127.0.0.0/8 and ::1.
+    #[arg(long)]
+    allow_non_loopback: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -209,20 +241,48 @@ fn main() -> ExitCode {
             }
         }
         Cmd::Sink(a) => {
+            let listen = if a.listen.is_empty() {
+                vec![SocketAddr::from(([127, 0, 0, 1], 2526))]
+            } else {
+                a.listen
+            };
+            for l in &listen {
+                if let Err(e) = check_loopback(*l, a.allow_non_loopback) {
+                    eprintln!("sluice-load sink: {e}");
+                    return ExitCode::from(2);
+                }
+            }
+            if a.tempfail_rate + a.permfail_rate + a.drop_rate > 1.0 {
+                eprintln!(
+                    "sluice-load sink: --tempfail-rate + --permfail-rate + --drop-rate exceed 1"
+                );
+                return ExitCode::from(2);
+            }
             let cfg = sink::SinkConfig {
-                listen: a.listen,
+                listen,
                 ready_file: a.ready_file,
-                reply_rcpt: a.reply_rcpt,
-                reply_data: a.reply_data,
-                fail_first: a.fail_first,
-                max_connections: a.max_connections as usize,
-                stats_file: a.stats_file,
+                received: a.received,
                 store: a.store,
+                stats_file: a.stats_file,
+                faults: sink::faults::FaultConfig {
+                    reply_rcpt: a.reply_rcpt,
+                    reply_data: a.reply_data,
+                    fail_first: a.fail_first,
+                    tempfail_rate: a.tempfail_rate,
+                    permfail_rate: a.permfail_rate,
+                    drop_rate: a.drop_rate,
+                    seed: a.seed,
+                },
+                delay: a.delay,
+                max_connections: a.max_connections as usize,
                 max_message_size: a.max_message_size as u64,
+                max_recipients: a.max_recipients as usize,
                 idle_timeout: a.idle_timeout,
                 hostname: a.hostname,
                 no_pipelining: a.no_pipelining,
                 no_chunking: a.no_chunking,
+                threads: a.threads.map_or_else(default_threads, |t| t as usize),
+                quiet: a.quiet,
             };
             match sink::run(cfg) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -275,4 +335,11 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// One event-loop thread per CPU, at most 4: more threads than cores only add switching.
+fn default_threads() -> usize {
+    std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .clamp(1, 4)
 }
