@@ -6,7 +6,7 @@ use std::io::{self, Write};
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 /// Parses a byte size such as `5000`, `5k`, `5K`, `1.5m`, `2MiB`. `k` = 1024.
 pub fn parse_size(s: &str) -> Result<usize, String> {
@@ -124,15 +124,6 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
         let _ = fs::remove_file(&tmp);
     }
     res
-}
-
-/// The current time as an RFC 5322 date in UTC, e.g. `Tue, 01 Jul 2025 12:00:00 +0000`.
-pub fn rfc5322_now() -> String {
-    let secs = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    rfc5322_date(secs)
 }
 
 /// Formats seconds since the Unix epoch as an RFC 5322 date in UTC.
