@@ -273,6 +273,8 @@ impl Conn {
         buf: &mut [u8],
     ) {
         let readable = ev.is_readable() || ev.is_read_closed() || ev.is_error();
+        // A FIN behind the data raises no new edge: read to the end then.
+        let drain = ev.is_read_closed() || ev.is_error();
         let writable = ev.is_writable();
         let now = Instant::now();
         if self.phase == Phase::Connecting {
@@ -303,7 +305,7 @@ impl Conn {
             self.flush(sh, w, registry, now);
         }
         if readable {
-            self.read(sh, w, registry, ready, buf);
+            self.read(sh, w, registry, ready, buf, drain);
         }
     }
 
@@ -311,7 +313,9 @@ impl Conn {
         self.out_pos < self.out.len()
     }
 
-    /// Reads until the socket would block, handling every complete reply.
+    /// Reads what the socket has, handling every complete reply. A short read drained the
+    /// socket (later data raises a new edge), so the read that would only say EAGAIN is
+    /// skipped unless `drain` is set.
     fn read(
         &mut self,
         sh: &Shared,
@@ -319,6 +323,7 @@ impl Conn {
         registry: &Registry,
         ready: &mut Vec<usize>,
         buf: &mut [u8],
+        drain: bool,
     ) {
         loop {
             let Some(s) = self.stream.as_mut() else {
@@ -346,6 +351,9 @@ impl Conn {
                     self.input.extend_from_slice(&buf[..n]);
                     if !self.parse_replies(sh, w, registry, ready) {
                         return;
+                    }
+                    if n < buf.len() && !drain {
+                        break;
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
