@@ -82,7 +82,7 @@ ours() {
     [ "$accepted" = "$MESSAGES" ] || { echo "ours: only $accepted accepted" >&2; exit 1; }
     # Wall rate (process start to exit) too, the way smtp-source is measured.
     local wall_rate; wall_rate=$(echo "scale=1; $MESSAGES / ($t1 - $t0)" | bc)
-    printf 'ours     %8.0f msg/s (%8.0f incl. process start/connect)  cpu send %6.2fs sink %6.2fs  (%.1f us/msg)\n' \
+    printf 'ours     %8.0f msg/s (%8.0f from process start to exit)  cpu send %6.2fs sink %6.2fs  (%.1f us/msg)\n' \
         "$rate" "$wall_rate" "$send_cpu" "$sink_cpu" \
         "$(echo "($send_cpu + $sink_cpu) * 1000000 / $MESSAGES" | bc -l)"
     echo "$rate" >> "$TMP/ours.rates"

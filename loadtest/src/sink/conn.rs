@@ -176,7 +176,9 @@ impl Conn {
         let start = self.out.len();
         self.session.write_output(&mut self.out);
         for hidden in &ctx.shared.hidden_ehlo_lines {
-            if let Some(at) = memchr::memmem::find(&self.out[start..], hidden) {
+            // A continuation line of the EHLO reply (the hostname comes first and DSN last,
+            // so these are never the first or final line); once per EHLO in the batch.
+            while let Some(at) = memchr::memmem::find(&self.out[start..], hidden) {
                 let at = start + at;
                 self.out.drain(at..at + hidden.len());
             }
