@@ -98,6 +98,8 @@ pub struct Local {
     pub ids: Vec<u8>,
     /// RFC 5322 date of the current second (formatting it per message would be waste).
     date: (u64, String),
+    /// A connection wants to reconnect now: run the timers at once, not at the next tick.
+    pub kick: bool,
 }
 
 impl Local {
@@ -108,6 +110,7 @@ impl Local {
             acked: Vec::new(),
             ids: Vec::new(),
             date: (u64::MAX, String::new()),
+            kick: false,
         }
     }
 
@@ -260,6 +263,7 @@ impl Conn {
             w.tally.note_error(why);
         }
         self.phase = Phase::Backoff(now);
+        w.kick = true;
     }
 
     /// Handles readiness of this connection's socket.
@@ -333,7 +337,7 @@ impl Conn {
                 Ok(0) => {
                     let now = Instant::now();
                     if self.phase == Phase::Quitting {
-                        return self.quit_done(sh, registry, now);
+                        return self.quit_done(sh, w, registry, now);
                     }
                     let what = self
                         .expect
@@ -361,7 +365,7 @@ impl Conn {
                 Err(e) => {
                     let now = Instant::now();
                     if self.phase == Phase::Quitting {
-                        return self.quit_done(sh, registry, now);
+                        return self.quit_done(sh, w, registry, now);
                     }
                     return self.connection_lost(sh, w, registry, now, format!("read: {e}"));
                 }
@@ -603,7 +607,7 @@ impl Conn {
                 self.after_tx(sh, ready, now);
             }
             Expect::Quit => {
-                self.quit_done(sh, registry, now);
+                self.quit_done(sh, w, registry, now);
                 return false;
             }
         }
@@ -832,7 +836,7 @@ impl Conn {
     }
 
     /// The server answered QUIT (or closed): reconnect if the run goes on.
-    fn quit_done(&mut self, sh: &Shared, registry: &Registry, now: Instant) {
+    fn quit_done(&mut self, sh: &Shared, w: &mut Local, registry: &Registry, now: Instant) {
         self.close_socket(registry);
         if self.established {
             self.established = false;
@@ -843,6 +847,8 @@ impl Conn {
         self.phase = if sh.schedule.is_stopped() || self.finishing {
             Phase::Done
         } else {
+            // --messages-per-connection: the next connection starts at once.
+            w.kick = true;
             Phase::Backoff(now)
         };
     }
@@ -910,7 +916,7 @@ impl Conn {
                     let why = format!("timeout after {:?} waiting for {what}", sh.cfg.io_timeout);
                     if self.phase == Phase::Quitting {
                         w.tally.note_error(why);
-                        self.quit_done(sh, registry, now);
+                        self.quit_done(sh, w, registry, now);
                     } else {
                         self.connection_lost(sh, w, registry, now, why);
                     }
@@ -939,7 +945,7 @@ impl Conn {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     if self.phase == Phase::Quitting {
-                        return self.quit_done(sh, registry, now);
+                        return self.quit_done(sh, w, registry, now);
                     }
                     return self.connection_lost(sh, w, registry, now, format!("write: {e}"));
                 }

@@ -381,7 +381,7 @@ fn worker(sh: &Shared, mut poll: Poll, n: usize) -> Tally {
     let mut given_up = vec![false; n];
     loop {
         let now = Instant::now();
-        if now >= next_tick {
+        if now >= next_tick || std::mem::take(&mut w.kick) {
             next_tick = now + TIMER_TICK;
             for (i, c) in conns.iter_mut().enumerate() {
                 c.on_timer(sh, &mut w, &registry, now);
