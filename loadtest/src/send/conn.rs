@@ -844,7 +844,7 @@ impl Conn {
                 .connections
                 .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         }
-        self.phase = if sh.schedule.is_stopped() || self.finishing {
+        self.phase = if self.finishing || sh.schedule.is_exhausted(now) {
             Phase::Done
         } else {
             // --messages-per-connection: the next connection starts at once.
