@@ -509,7 +509,7 @@ impl Conn {
             Expect::Rset => {
                 if let Some(tx) = &self.tx {
                     if !tx.mail_sent {
-                        self.send_envelope(sh, w);
+                        self.send_envelope(sh);
                     }
                 }
             }
@@ -680,11 +680,11 @@ impl Conn {
                 return; // MAIL follows the RSET reply
             }
         }
-        self.send_envelope(sh, w);
+        self.send_envelope(sh);
     }
 
     /// MAIL (and, pipelined, everything up to DATA or all of BDAT).
-    fn send_envelope(&mut self, sh: &Shared, _w: &mut Local) {
+    fn send_envelope(&mut self, sh: &Shared) {
         let size_param = self.caps.size;
         let Some(tx) = self.tx.as_mut() else { return };
         tx.mail_sent = true;
