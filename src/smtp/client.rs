@@ -106,6 +106,10 @@ mod types;
 #[cfg(test)]
 mod tests;
 
+#[cfg(any(test, fuzzing))]
+#[doc(hidden)]
+pub mod fuzz_harness;
+
 use std::collections::VecDeque;
 use std::io::Write as _;
 use std::sync::Arc;

@@ -1180,3 +1180,29 @@ fn empty_recipient_list_is_an_empty_result() {
     assert!(h.s.is_idle());
     let _ = h.start;
 }
+
+mod fuzz_scripts {
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// The fuzz harness's invariants on random scripts (the cargo-fuzz
+        /// target `client_session` runs the same harness much longer).
+        #[test]
+        fn random_scripts_keep_invariants(data in proptest::collection::vec(any::<u8>(), 0..200)) {
+            super::super::fuzz_harness::run(&data);
+        }
+
+        /// Scripts made mostly of canned replies reach deep states.
+        #[test]
+        fn canned_reply_scripts_keep_invariants(
+            ctl in any::<u8>(),
+            tokens in proptest::collection::vec(prop_oneof![0u8..26, 0xF0u8..=0xFF], 0..80),
+        ) {
+            let mut data = vec![ctl];
+            data.extend(tokens);
+            super::super::fuzz_harness::run(&data);
+        }
+    }
+}
