@@ -570,6 +570,11 @@ impl ClientSession {
             return;
         };
         let phase = expect.phase();
+        tracing::trace!(
+            phase = phase.as_str(),
+            code = reply.code(),
+            "smtp client: reply"
+        );
         if reply.code() == 421 && expect != Expect::Quit {
             self.fail(now, CloseKind::ServerClosing, phase, reply, true);
             return;
@@ -1106,6 +1111,13 @@ impl ClientSession {
             self.events
                 .push_back(ClientEvent::TransactionDone(Box::new(tx.into_result())));
         }
+        tracing::debug!(
+            kind = kind.as_str(),
+            phase = phase.as_str(),
+            code = reply.as_ref().map(Reply::code),
+            transactions = self.transactions,
+            "smtp client: session closed"
+        );
         self.state = State::Closed;
         self.deadline = None;
         self.expect.clear();
