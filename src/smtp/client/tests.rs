@@ -1206,3 +1206,37 @@ mod fuzz_scripts {
         }
     }
 }
+
+#[test]
+fn input_during_tls_handshake_is_refused() {
+    let cfg = ClientConfig {
+        starttls: StartTlsPolicy::Opportunistic,
+        ..config()
+    };
+    let mut h = Harness::new(cfg);
+    h.server("220 x\r\n");
+    h.client();
+    h.server("250-mx.test\r\n250 STARTTLS\r\n");
+    h.client();
+    h.server("220 go ahead\r\n");
+    assert_eq!(h.starttls, 1);
+    // A later read, before the driver answered: not ours to parse.
+    h.server("250 injected\r\n");
+    assert_eq!(h.closed_kind(), Some(CloseKind::ProtocolError));
+    h.s.answer_starttls(h.now, true);
+    assert_eq!(h.client(), "", "nothing more after the close");
+}
+
+#[test]
+fn server_421_to_ehlo_is_a_connection_failure() {
+    let mut h = Harness::new(config());
+    let id = h.send(msg("a@x.test", &["b@y.test"], "x"));
+    h.server("220 x\r\n");
+    h.client();
+    h.server("421 4.7.0 too many connections\r\n");
+    let (reason, unsent) = h.closed.clone().unwrap();
+    assert_eq!(reason.kind, CloseKind::ServerClosing);
+    assert!(reason.is_connection_failure());
+    assert_eq!(unsent[0].0, id);
+    assert_eq!(h.client(), "");
+}
