@@ -271,6 +271,7 @@ fn envelope(id: SpoolId, msg: &IncomingMessage, now_ms: u64, size: u64, host: &s
                     .as_ref()
                     .map(|o| format!("{};{}", o.addr_type, o.address)),
                 state: RecipientState::Pending,
+                remote_mta: None,
             })
             .collect(),
         received_at_ms: now_ms,

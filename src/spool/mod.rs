@@ -261,6 +261,14 @@ impl Spool {
         Ok(max)
     }
 
+    /// A read-only handle on partition `partition` (Send + Sync), for the
+    /// delivery shard that reads bodies from their home shard's tree. It never
+    /// writes, so the home shard stays the only writer of its partition.
+    pub fn reader(&self, partition: u16) -> Result<PartitionReader, SpoolError> {
+        let tree = self.db.open_tree(format!("{TREE_PREFIX}{partition}"))?;
+        Ok(PartitionReader { tree, partition })
+    }
+
     /// Blocking flush for shutdown / CLI only: never call on a shard.
     pub fn flush_blocking(&self) -> Result<(), SpoolError> {
         self.db.flush()?;
@@ -412,6 +420,74 @@ impl Partition {
         Ok(())
     }
 
+    /// Finishes a message whose recipients are all final, in ONE atomic batch:
+    /// removes `original` and, if given, stores its DSN (envelope + body) as
+    /// a new message. A crash leaves either the original (the DSN is built
+    /// again after the restart) or the DSN alone, never both and never
+    /// neither. Durable when it resolves `Ok`.
+    pub async fn complete(
+        &self,
+        original: SpoolId,
+        dsn: Option<(&Envelope, &[u8])>,
+    ) -> Result<(), SpoolError> {
+        let tree = &self.inner.tree;
+        let okey = key(ENVELOPE_PREFIX, original);
+        let mut len = self.inner.len.get();
+        let mut batch = sled::Batch::default();
+        if tree.contains_key(okey)? {
+            len = len.saturating_sub(1);
+        }
+        batch.remove(&okey[..]);
+        batch.remove(&key(BODY_PREFIX, original)[..]);
+        if let Some((env, body)) = dsn {
+            let dkey = key(ENVELOPE_PREFIX, env.id);
+            if !tree.contains_key(dkey)? {
+                len += 1;
+            }
+            batch.insert(&dkey[..], env.encode());
+            batch.insert(&key(BODY_PREFIX, env.id)[..], body);
+        }
+        tree.apply_batch(batch)?;
+        self.set_len(len);
+        self.commit().await?;
+        tracing::debug!(
+            shard = self.inner.shard,
+            id = %original,
+            dsn = ?dsn.map(|(e, _)| e.id),
+            "spool completed"
+        );
+        Ok(())
+    }
+
+    /// Applies `change` to the stored envelope of `id` and writes it back,
+    /// without yielding in between (so no other task on this shard can
+    /// interleave a change to the same envelope), then waits for the group
+    /// commit. Returns the envelope as written, or `None` if the message is
+    /// gone (already completed).
+    pub async fn modify(
+        &self,
+        id: SpoolId,
+        change: impl FnOnce(&mut Envelope),
+    ) -> Result<Option<Envelope>, SpoolError> {
+        let Some(mut env) = self.load_envelope(id)? else {
+            return Ok(None);
+        };
+        change(&mut env);
+        self.inner
+            .tree
+            .insert(key(ENVELOPE_PREFIX, id), env.encode())?;
+        self.commit().await?;
+        Ok(Some(env))
+    }
+
+    /// A read-only, `Send` handle on this partition's tree.
+    pub fn reader(&self) -> PartitionReader {
+        PartitionReader {
+            tree: self.inner.tree.clone(),
+            partition: self.inner.shard,
+        }
+    }
+
     /// Every envelope in id order, for the queue rebuild (bodies not read).
     pub fn envelopes(&self) -> impl Iterator<Item = Result<Envelope, SpoolError>> + '_ {
         self.inner
@@ -446,5 +522,42 @@ impl Partition {
     /// The largest number of writes one flush covered.
     pub fn max_flush_batch(&self) -> u64 {
         self.inner.gc.max_batch()
+    }
+}
+
+/// Read access to one partition from any thread (a delivery shard reading a
+/// body from its home shard's tree). Cheap to clone; holds no body.
+#[derive(Clone)]
+pub struct PartitionReader {
+    tree: sled::Tree,
+    partition: u16,
+}
+
+impl std::fmt::Debug for PartitionReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PartitionReader")
+            .field("partition", &self.partition)
+            .finish()
+    }
+}
+
+impl PartitionReader {
+    /// The partition read.
+    pub fn partition(&self) -> u16 {
+        self.partition
+    }
+
+    /// The envelope of `id`, if stored.
+    pub fn load_envelope(&self, id: SpoolId) -> Result<Option<Envelope>, SpoolError> {
+        match self.tree.get(key(ENVELOPE_PREFIX, id))? {
+            Some(v) => Ok(Some(Envelope::decode(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The body of `id`, if stored. `sled::IVec` is reference-counted: no
+    /// copy of the stored bytes is made here.
+    pub fn load_body(&self, id: SpoolId) -> Result<Option<sled::IVec>, SpoolError> {
+        Ok(self.tree.get(key(BODY_PREFIX, id))?)
     }
 }

@@ -33,12 +33,14 @@ fn envelope(id: SpoolId, size: u64) -> Envelope {
                 notify: Some("SUCCESS,FAILURE".into()),
                 orcpt: Some("rfc822;b@example.net".into()),
                 state: RecipientState::Pending,
+                remote_mta: None,
             },
             Recipient {
                 address: "c@example.net".into(),
                 notify: None,
                 orcpt: None,
                 state: RecipientState::Pending,
+                remote_mta: None,
             },
         ],
         received_at_ms: id.timestamp_ms(),
@@ -553,4 +555,74 @@ fn store_fails_when_the_disk_is_full() {
     assert!(err.starts_with("ERR 452 4.3.1"), "{err}");
     // Nothing acknowledged before the failure was lost.
     verify_loadable(dir.path(), &acked, body_len);
+}
+
+// ---------------------------------------------------------------- delivery
+
+#[test]
+fn complete_swaps_original_for_dsn_atomically_and_modify_is_read_modify_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    run(move || async move {
+        let spool = Spool::open(&path).unwrap();
+        let p = spool.partition(0).unwrap();
+        let mut g = SpoolIdGenerator::new(0, None);
+        let (a, b, dsn_id) = (g.next(ms(1)), g.next(ms(2)), g.next(ms(3)));
+        for id in [a, b] {
+            let body = body_for(id, 300);
+            p.store(&envelope(id, 300), &body).await.unwrap();
+        }
+        // modify: the change is applied to what is stored and persisted.
+        let after = p
+            .modify(a, |e| {
+                e.recipients[0].state = RecipientState::Failed {
+                    at_ms: 7,
+                    reply: "550 5.1.1 no".into(),
+                };
+                e.recipients[0].remote_mta = Some("mx.example.net".into());
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(p.load_envelope(a).unwrap(), Some(after.clone()));
+        assert!(p.modify(dsn_id, |_| {}).await.unwrap().is_none());
+
+        // A reader on another thread sees the same bytes.
+        let reader = spool.reader(0).unwrap();
+        let got = std::thread::spawn(move || {
+            (
+                reader.load_envelope(a).unwrap(),
+                reader.load_body(a).unwrap().map(|b| b.to_vec()),
+            )
+        })
+        .join()
+        .unwrap();
+        assert_eq!(got.0, Some(after));
+        assert_eq!(got.1, Some(body_for(a, 300)));
+
+        // complete with a DSN: original gone, DSN present, count unchanged.
+        let mut dsn = envelope(dsn_id, 42);
+        dsn.sender = String::new();
+        p.complete(a, Some((&dsn, b"dsn body"))).await.unwrap();
+        assert_eq!(p.load(a).unwrap(), None);
+        assert_eq!(p.load(dsn_id).unwrap(), Some((dsn, b"dsn body".to_vec())));
+        assert_eq!(p.len(), 2);
+        // complete without a DSN is a remove; twice is harmless.
+        p.complete(b, None).await.unwrap();
+        p.complete(b, None).await.unwrap();
+        assert_eq!(p.len(), 1);
+        assert_eq!(spool.count().unwrap(), 1);
+        assert_eq!(p.reader().load_body(b).unwrap(), None);
+    });
+}
+
+#[test]
+fn envelopes_without_remote_mta_still_decode() {
+    let id = SpoolIdGenerator::new(0, None).next(ms(5));
+    let env = envelope(id, 10);
+    let json = String::from_utf8(env.encode()[1..].to_vec()).unwrap();
+    assert!(!json.contains("remote_mta"), "None is not written: {json}");
+    let mut stored = vec![1u8];
+    stored.extend_from_slice(json.as_bytes());
+    assert_eq!(Envelope::decode(&stored).unwrap(), env);
 }
