@@ -2,7 +2,10 @@
 //! outbound connections driven by the sans-IO [`crate::smtp::client`] core,
 //! retry with backoff, and RFC 3464 bounces.
 
+pub mod backoff;
 pub mod dns;
 pub mod dsn;
 pub mod log;
+pub mod plan;
+pub mod queue;
 pub mod route;
