@@ -20,6 +20,11 @@ use std::time::Duration;
 use glommio::{LocalExecutorBuilder, Placement};
 
 use crate::config::Config;
+use crate::delivery::accounting::Accounting;
+use crate::delivery::dns::Resolver;
+use crate::delivery::engine::DeliveryShared;
+use crate::delivery::log::EventLog;
+use crate::delivery::route::Routes;
 use api::{SessionConfig, Spool};
 
 /// A startup failure, rendered as one line for the operator.
@@ -107,6 +112,44 @@ fn probe_listen(addr: SocketAddr) -> Result<(SocketAddr, Option<socket2::Socket>
     Ok((bound, Some(sock)))
 }
 
+/// The delivery pieces every shard shares: mesh, resolver thread, routes,
+/// accounting log, queue snapshot.
+fn delivery_shared(
+    config: &Arc<Config>,
+    spool: &Spool,
+    shards: usize,
+    not_before: Option<crate::spool::SpoolId>,
+    partitions: Vec<u16>,
+) -> Result<DeliveryShared, StartupError> {
+    let resolver = Resolver::new(&config.dns)
+        .map_err(|e| StartupError(format!("cannot start the DNS resolver: {e}")))?;
+    let file = &config.log.accounting_file;
+    let log = if file.as_os_str().is_empty() {
+        Accounting::disabled()
+    } else {
+        let log = EventLog::open(file).map_err(|e| {
+            resolver.stop();
+            StartupError(format!(
+                "cannot open accounting log {}: {e}",
+                file.display()
+            ))
+        })?;
+        Accounting::new(log)
+    };
+    Ok(DeliveryShared {
+        config: Arc::clone(config),
+        spool: spool.clone(),
+        mesh: DeliveryShared::mesh_for(shards, config.delivery.enabled),
+        executor_ids: Arc::new(std::sync::Mutex::new(vec![None; shards])),
+        resolver,
+        routes: Routes::from_config(config),
+        log,
+        snapshot: Arc::new(std::sync::Mutex::new(Vec::new())),
+        not_before,
+        partitions,
+    })
+}
+
 /// Runs the server until SIGTERM/SIGINT; returns once every shard has
 /// drained and the spool is flushed.
 pub fn serve(config: Config, options: ServeOptions) -> Result<(), StartupError> {
@@ -155,6 +198,14 @@ pub fn serve(config: Config, options: ServeOptions) -> Result<(), StartupError> 
         ))
     })?;
 
+    let partitions = spool.partitions().map_err(|e| {
+        StartupError(format!(
+            "cannot read spool at {}: {e}",
+            spool_path.display()
+        ))
+    })?;
+    let delivery = delivery_shared(&config, &spool, shards, not_before, partitions)?;
+
     let metrics_addr = if config.metrics.enabled {
         let listener = std::net::TcpListener::bind(config.metrics.listen).map_err(|e| {
             StartupError(format!(
@@ -168,10 +219,11 @@ pub fn serve(config: Config, options: ServeOptions) -> Result<(), StartupError> 
         let handle = crate::metrics::install()
             .map_err(|e| StartupError(format!("cannot install metrics recorder: {e}")))?;
         let q = spool.clone();
+        let snapshot = Arc::clone(&delivery.snapshot);
         crate::metrics::serve(
             listener,
             handle,
-            Arc::new(move |limit| queue::render(&q, limit)),
+            Arc::new(move |limit| queue::render(&q, limit, Some(&snapshot))),
         )
         .map_err(|e| StartupError(format!("cannot start admin thread: {e}")))?;
         Some(bound)
@@ -201,6 +253,8 @@ pub fn serve(config: Config, options: ServeOptions) -> Result<(), StartupError> 
         let (tx, rx) = std::sync::mpsc::channel();
         let spec = shard::ShardSpec {
             index,
+            shards,
+            delivery: delivery.clone(),
             listen: listen.clone(),
             config: Arc::clone(&config),
             session_config: Arc::clone(&session_config),
@@ -249,6 +303,7 @@ pub fn serve(config: Config, options: ServeOptions) -> Result<(), StartupError> 
     drop(probes);
     if let Err(e) = startup {
         stop.store(true, Ordering::Release);
+        delivery.resolver.stop();
         let mut detail = None;
         for h in handles {
             if let Err(join_err) = h.join() {
@@ -294,6 +349,10 @@ pub fn serve(config: Config, options: ServeOptions) -> Result<(), StartupError> 
         if let Err(e) = h.join() {
             tracing::error!(error = %e, "shard ended with an error");
         }
+    }
+    delivery.resolver.stop();
+    if !delivery.log.sync(Duration::from_secs(5)) {
+        tracing::warn!("accounting log not fully written at exit");
     }
     if let Err(e) = spool.flush_blocking() {
         return fail(format!("final spool flush failed: {e}"));

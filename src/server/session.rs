@@ -236,6 +236,7 @@ async fn store(ctx: &Rc<ShardCtx>, msg: &IncomingMessage) -> Result<String, Repl
                 .store_latency
                 .record(started.elapsed().as_secs_f64());
             tracing::info!(id = %id_text, size = body.len(), rcpts = envelope.recipients.len(), "queued");
+            ctx.delivery.accepted(ctx.partition.shard(), &envelope);
             Ok(id_text)
         }
         Err(e) => {

@@ -18,11 +18,14 @@ use tracing::Instrument;
 use super::api::{Partition, SessionConfig, Spool, SpoolId, SpoolIdGenerator};
 use super::limits::ConnectionLimiter;
 use crate::config::{Config, RelayConfig};
+use crate::delivery::engine::{DeliveryShared, Engine};
 use crate::metrics::ShardMetrics;
 
 /// Everything a shard needs, built on the main thread and moved to the shard.
 pub(crate) struct ShardSpec {
     pub index: usize,
+    pub shards: usize,
+    pub delivery: DeliveryShared,
     pub listen: Vec<SocketAddr>,
     pub config: Arc<Config>,
     pub session_config: Arc<SessionConfig>,
@@ -40,7 +43,9 @@ pub(crate) struct ShardCtx {
     pub session_config: Arc<SessionConfig>,
     pub relay: RelayConfig,
     pub partition: Partition,
-    pub ids: RefCell<SpoolIdGenerator>,
+    pub ids: Rc<RefCell<SpoolIdGenerator>>,
+    /// Delivery: queues accepted mail, applies outcomes (see `crate::delivery`).
+    pub delivery: Rc<Engine>,
     pub metrics: ShardMetrics,
     pub read_buffer_size: usize,
     pub session_timeout: Duration,
@@ -68,6 +73,8 @@ const STOP_POLL: Duration = Duration::from_millis(50);
 pub(crate) async fn run(spec: ShardSpec) {
     let ShardSpec {
         index,
+        shards,
+        delivery,
         listen,
         config,
         session_config,
@@ -94,13 +101,31 @@ pub(crate) async fn run(spec: ShardSpec) {
             return;
         }
     };
+    let ids = Rc::new(RefCell::new(SpoolIdGenerator::new(index as u8, not_before)));
+    let engine = match Engine::start(
+        delivery,
+        index,
+        shards,
+        partition.clone(),
+        Rc::clone(&ids),
+        Arc::clone(&stop),
+    )
+    .await
+    {
+        Ok(e) => e,
+        Err(msg) => {
+            let _ = ready.send(Err(msg));
+            return;
+        }
+    };
     let ctx = Rc::new(ShardCtx {
         index,
         hostname: config.server.hostname.clone(),
         session_config,
         relay: config.relay.clone(),
         partition,
-        ids: RefCell::new(SpoolIdGenerator::new(index as u8, not_before)),
+        ids,
+        delivery: Rc::clone(&engine),
         metrics: ShardMetrics::new(index),
         read_buffer_size: config.server.read_buffer_size,
         session_timeout: config.server.session_timeout(),
@@ -116,13 +141,20 @@ pub(crate) async fn run(spec: ShardSpec) {
     }
     let _ = ready.send(Ok(()));
     drop(ready);
+    // Messages spooled before this start are queued again in the background
+    // while new mail is accepted.
+    glommio::spawn_local(Rc::clone(&engine).rebuild()).detach();
 
     while !stop.load(Ordering::Acquire) {
         glommio::timer::sleep(STOP_POLL).await;
     }
     tracing::info!(shard = index, "shutting down");
+    let grace_end = std::time::Instant::now() + config.server.shutdown_grace();
     ctx.shutting_down.set(true);
     ctx.shutdown.close();
+    // Delivery takes no new work; transactions in flight finish (or are
+    // cut at the end of the grace period and retried after a restart).
+    engine.begin_shutdown();
     // Wait for the last session (it signals `drained`) or the grace period,
     // whichever comes first; no polling timers here.
     if ctx.active.get() > 0 {
@@ -139,6 +171,14 @@ pub(crate) async fn run(spec: ShardSpec) {
             shard = index,
             sessions = ctx.active.get(),
             "grace period over; closing remaining sessions"
+        );
+    }
+    let left = engine.drain(grace_end).await;
+    if left > 0 {
+        tracing::warn!(
+            shard = index,
+            connections = left,
+            "grace period over; abandoning outbound transactions (retried after restart)"
         );
     }
 }
