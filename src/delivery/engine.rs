@@ -25,10 +25,10 @@ use std::time::{Duration, Instant, SystemTime};
 use futures_lite::future;
 use glommio::channels::channel_mesh::{Full, MeshBuilder, Senders};
 
+use super::accounting::Accounting;
 use super::backoff::{RetryPolicy, RetryVerdict};
 use super::dns::{DnsError, Resolver};
 use super::dsn::{self, Action, DsnInput, DsnRecipient};
-use super::accounting::Accounting;
 use super::log::BounceReason;
 use super::metrics::{DeliveryMetrics, OutcomeKind};
 use super::notify::Notify;
@@ -237,7 +237,12 @@ impl Engine {
                     .spool
                     .partition(p)
                     .map_err(|e| format!("cannot open spool partition {p}: {e}"))?;
-                tracing::info!(shard = index, partition = p, messages = part.len(), "adopted orphan spool partition");
+                tracing::info!(
+                    shard = index,
+                    partition = p,
+                    messages = part.len(),
+                    "adopted orphan spool partition"
+                );
                 partitions.insert(p, part);
             }
         }
@@ -393,7 +398,11 @@ impl Engine {
                 envelope.id,
                 partition,
                 &unroutable,
-                &Reply::new(550, EnhancedCode::new(5, 1, 3), "Recipient address has no domain"),
+                &Reply::new(
+                    550,
+                    EnhancedCode::new(5, 1, 3),
+                    "Recipient address has no domain",
+                ),
             );
         }
     }
@@ -619,7 +628,11 @@ impl Engine {
                         env.id,
                         part.shard(),
                         &unroutable,
-                        &Reply::new(550, EnhancedCode::new(5, 1, 3), "Recipient address has no domain"),
+                        &Reply::new(
+                            550,
+                            EnhancedCode::new(5, 1, 3),
+                            "Recipient address has no domain",
+                        ),
                     );
                 }
                 glommio::yield_if_needed().await;
@@ -733,7 +746,10 @@ impl Engine {
     }
 
     /// A read handle on `partition` (opened once, then cached).
-    pub(super) fn reader(&self, partition: u16) -> Result<PartitionReader, crate::spool::SpoolError> {
+    pub(super) fn reader(
+        &self,
+        partition: u16,
+    ) -> Result<PartitionReader, crate::spool::SpoolError> {
         if let Some(r) = self.readers.borrow().get(&partition) {
             return Ok(r.clone());
         }
@@ -759,9 +775,9 @@ impl Engine {
         }
         let now = now_ms();
         let attempts = entry.attempts.saturating_add(1);
-        let verdict = self
-            .policy
-            .after_failure(now, entry.received_at_ms, attempts, rand::random::<f64>());
+        let verdict =
+            self.policy
+                .after_failure(now, entry.received_at_ms, attempts, rand::random::<f64>());
         let n = rcpts.len() as u64;
         match verdict {
             RetryVerdict::RetryAt(next) => {
@@ -793,7 +809,8 @@ impl Engine {
                 self.enqueue(again, next);
             }
             RetryVerdict::Expired => {
-                self.metrics.outcome(OutcomeKind::Failed, reply.code(), remote, n);
+                self.metrics
+                    .outcome(OutcomeKind::Failed, reply.code(), remote, n);
                 self.metrics
                     .queue_time
                     .record(now.saturating_sub(entry.received_at_ms) as f64 / 1000.0);
@@ -834,8 +851,12 @@ impl Engine {
         }
         let remote = reason == BounceReason::Remote;
         let now = now_ms();
-        self.metrics
-            .outcome(OutcomeKind::Failed, reply.code(), remote, rcpts.len() as u64);
+        self.metrics.outcome(
+            OutcomeKind::Failed,
+            reply.code(),
+            remote,
+            rcpts.len() as u64,
+        );
         self.metrics
             .queue_time
             .record(now.saturating_sub(entry.received_at_ms) as f64 / 1000.0);
@@ -896,7 +917,14 @@ impl Engine {
         );
         for entry in taken {
             let mut results = Vec::new();
-            self.temporary_failure(&entry, entry.rcpts.clone(), reply, None, false, &mut results);
+            self.temporary_failure(
+                &entry,
+                entry.rcpts.clone(),
+                reply,
+                None,
+                false,
+                &mut results,
+            );
             self.report(Outcome {
                 id: entry.id,
                 partition: entry.partition,
@@ -987,7 +1015,11 @@ impl Engine {
             if self.stopping() {
                 return;
             }
-            future::or(self.shutdown.notified(), glommio::timer::sleep(SNAPSHOT_EVERY)).await;
+            future::or(
+                self.shutdown.notified(),
+                glommio::timer::sleep(SNAPSHOT_EVERY),
+            )
+            .await;
         }
     }
 
@@ -1010,7 +1042,11 @@ impl Engine {
             if left.is_zero() {
                 break;
             }
-            future::or(self.connection_ended.notified(), glommio::timer::sleep(left)).await;
+            future::or(
+                self.connection_ended.notified(),
+                glommio::timer::sleep(left),
+            )
+            .await;
         }
         self.connections.get()
     }

@@ -82,9 +82,7 @@ impl DeliveryMetrics {
     /// Handles labelled with `shard`.
     pub fn new(shard: usize) -> Self {
         let s = shard.to_string();
-        let c = |result: &'static str, class: &'static str| {
-            counter!(RECIPIENTS, "shard" => s.clone(), "result" => result, "class" => class)
-        };
+        let c = |result: &'static str, class: &'static str| counter!(RECIPIENTS, "shard" => s.clone(), "result" => result, "class" => class);
         DeliveryMetrics {
             delivered: [c("delivered", "2xx"), c("delivered", "local")],
             deferred: [c("deferred", "4xx"), c("deferred", "local")],

@@ -2,10 +2,15 @@
 //! outbound connections driven by the sans-IO [`crate::smtp::client`] core,
 //! retry with backoff, and RFC 3464 bounces.
 
+pub mod accounting;
 pub mod backoff;
 pub mod dns;
 pub mod dsn;
+pub mod engine;
 pub mod log;
+pub mod metrics;
+pub mod notify;
 pub mod plan;
 pub mod queue;
 pub mod route;
+mod worker;

@@ -201,8 +201,7 @@ impl Connection {
                 let timer = async {
                     match deadline {
                         Some(d) => {
-                            glommio::timer::sleep(d.saturating_duration_since(Instant::now()))
-                                .await
+                            glommio::timer::sleep(d.saturating_duration_since(Instant::now())).await
                         }
                         None => future::pending::<()>().await,
                     }
@@ -225,7 +224,9 @@ impl Connection {
             };
             match future::or(read, timer).await {
                 Some(Ok(0)) | Some(Err(_)) => self.session.handle_eof(Instant::now()),
-                Some(Ok(n)) => self.session.handle_input(Instant::now(), &self.read_buf[..n]),
+                Some(Ok(n)) => self
+                    .session
+                    .handle_input(Instant::now(), &self.read_buf[..n]),
                 None => self.session.handle_timeout(Instant::now()),
             }
         }
@@ -275,10 +276,7 @@ impl Connection {
             }
             let entry = match engine.pop_ready(&dest.domain) {
                 Some(e) => e,
-                None => match self
-                    .idle(engine, dest, Instant::now() + idle_timeout)
-                    .await
-                {
+                None => match self.idle(engine, dest, Instant::now() + idle_timeout).await {
                     IdleEnd::Work => continue,
                     IdleEnd::Timeout | IdleEnd::Shutdown => break,
                     IdleEnd::Closed => {
@@ -385,13 +383,27 @@ impl Connection {
             }
             Ok((Some(_), None)) => {
                 let reply = local_error("envelope without body", &entry.id);
-                engine.temporary_failure(&entry, entry.rcpts.clone(), &reply, None, false, &mut results);
+                engine.temporary_failure(
+                    &entry,
+                    entry.rcpts.clone(),
+                    &reply,
+                    None,
+                    false,
+                    &mut results,
+                );
                 engine.report(outcome(&entry, results));
                 return true;
             }
             Err(e) => {
                 let reply = local_error("cannot read message", &e);
-                engine.temporary_failure(&entry, entry.rcpts.clone(), &reply, None, false, &mut results);
+                engine.temporary_failure(
+                    &entry,
+                    entry.rcpts.clone(),
+                    &reply,
+                    None,
+                    false,
+                    &mut results,
+                );
                 engine.report(outcome(&entry, results));
                 return true;
             }
@@ -420,7 +432,11 @@ impl Connection {
                 Err(_) => unparsable.push(i),
             }
         }
-        let bad_rcpt = Reply::new(553, EnhancedCode::new(5, 1, 3), "Bad recipient address syntax");
+        let bad_rcpt = Reply::new(
+            553,
+            EnhancedCode::new(5, 1, 3),
+            "Bad recipient address syntax",
+        );
         engine.permanent_failure(
             &entry,
             &unparsable,
@@ -457,7 +473,9 @@ impl Connection {
             body: Bytes::from_owner(body),
             body_type: env.body_8bit.then_some(BodyType::EightBitMime),
             smtputf8: env.smtputf8,
-            ret: env.ret_full.map(|full| if full { Ret::Full } else { Ret::Headers }),
+            ret: env
+                .ret_full
+                .map(|full| if full { Ret::Full } else { Ret::Headers }),
             envid: env.envid.clone(),
         };
         if let Err(SessionClosed(_)) = self.session.send_message(Instant::now(), message) {
@@ -474,7 +492,14 @@ impl Connection {
                         let reply = reason.reply.unwrap_or_else(|| {
                             Reply::new(421, EnhancedCode::new(4, 4, 2), "Connection closed")
                         });
-                        engine.temporary_failure(&entry, indexes, &reply, None, false, &mut results);
+                        engine.temporary_failure(
+                            &entry,
+                            indexes,
+                            &reply,
+                            None,
+                            false,
+                            &mut results,
+                        );
                         engine.report(outcome(&entry, results));
                     } else {
                         engine.requeue_untried(entry);
@@ -486,7 +511,11 @@ impl Connection {
                 }
                 Next::Event(ClientEvent::Ready) => {}
                 Next::Idle => {
-                    let reply = Reply::new(421, EnhancedCode::new(4, 4, 2), "Session ended unexpectedly");
+                    let reply = Reply::new(
+                        421,
+                        EnhancedCode::new(4, 4, 2),
+                        "Session ended unexpectedly",
+                    );
                     engine.temporary_failure(&entry, indexes, &reply, None, false, &mut results);
                     engine.report(outcome(&entry, results));
                     return false;
@@ -499,7 +528,8 @@ impl Connection {
             .record(started.elapsed().as_secs_f64());
 
         let host = self.target.host_name.clone();
-        let reuse = u32::try_from(self.session.transactions().saturating_sub(1)).unwrap_or(u32::MAX);
+        let reuse =
+            u32::try_from(self.session.transactions().saturating_sub(1)).unwrap_or(u32::MAX);
         let now = now_ms();
         let mut delivered = 0u64;
         // Recipients that failed the same way share one entry (and one
@@ -626,7 +656,10 @@ mod tests {
         assert!(parse_notify("NEVER,SUCCESS").is_none());
         assert!(parse_notify("bogus").is_none());
         let o = parse_orcpt("rfc822;a@b.test").unwrap();
-        assert_eq!((o.addr_type.as_str(), o.address.as_str()), ("rfc822", "a@b.test"));
+        assert_eq!(
+            (o.addr_type.as_str(), o.address.as_str()),
+            ("rfc822", "a@b.test")
+        );
         assert!(parse_orcpt("nosemicolon").is_none());
     }
 }

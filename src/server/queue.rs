@@ -38,7 +38,11 @@ fn one_line(text: &str) -> String {
 
 /// Renders at most `limit` spooled messages, then (when a running server
 /// passes its snapshot) the queue and per-domain counts.
-pub fn render(spool: &Spool, limit: usize, snapshot: Option<&QueueSnapshot>) -> Result<String, String> {
+pub fn render(
+    spool: &Spool,
+    limit: usize,
+    snapshot: Option<&QueueSnapshot>,
+) -> Result<String, String> {
     let count = spool.count().map_err(|e| e.to_string())?;
     let list = spool.list(limit).map_err(|e| e.to_string())?;
     let mut out = format!("count {count}\n");
