@@ -691,3 +691,36 @@ impl Drop for ChildGuard {
         let _ = self.0.wait();
     }
 }
+
+#[test]
+fn sigterm_lets_the_transaction_in_flight_finish_then_quits() {
+    let dir = tempdir();
+    // The MX takes 1.5 s to answer the final dot.
+    let sink = Sink::start(dir.path(), "mx", &["127.0.0.2:0"], &["--delay", "1500ms"]);
+    let mut server = Server::start(
+        dir.path(),
+        &cfg(
+            dir.path(),
+            None,
+            &delivery(&[]),
+            &[("d.test", sink.addr().to_string())],
+        ),
+    );
+    send(&server, "s@src.test", &["u@d.test"], "m@sigterm");
+    // The message is on its way once the sink has read its data.
+    sink.stats_when(|s| s["bytes_in"].as_u64().unwrap_or(0) > 200);
+    server.signal("TERM");
+    assert!(server.wait().success());
+    // Finished within the grace period (5 s), not abandoned: delivered and
+    // gone from the spool, and the connection was closed with QUIT.
+    assert_eq!(sink.received(), ["<m@sigterm>"]);
+    let left = std::process::Command::new(BIN)
+        .args(["queue", "--config"])
+        .arg(dir.path().join("sluice.toml"))
+        .output()
+        .unwrap();
+    let q = parse_queue(&String::from_utf8(left.stdout).unwrap());
+    assert!(q.is_empty(), "{q:?}");
+    let stats = sink.stats_when(|s| s["connections_current"] == 0);
+    assert_eq!(stats["connection_errors"], 0, "closed with QUIT: {stats}");
+}
