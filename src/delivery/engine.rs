@@ -992,12 +992,18 @@ impl Engine {
                     domains: q.domain_counts(now, SNAPSHOT_DOMAINS),
                 }
             };
-            // Forget destinations with nothing queued and no connection.
+            // Forget destinations with nothing queued and no connection
+            // (one that is failing keeps its failure count, so its backoff
+            // keeps growing).
             let idle: Vec<String> = self
                 .dests
                 .borrow()
                 .iter()
-                .filter(|(name, d)| d.conns.get() == 0 && self.queues.borrow().ready_len(name) == 0)
+                .filter(|(name, d)| {
+                    d.conns.get() == 0
+                        && d.failures.get() == 0
+                        && self.queues.borrow().ready_len(name) == 0
+                })
                 .map(|(name, _)| name.clone())
                 .collect();
             for name in idle {

@@ -270,13 +270,16 @@ impl Connection {
         let max = engine.config.delivery.max_messages_per_connection;
         let idle_timeout = engine.config.delivery.idle_timeout();
         let mut sent = 0;
+        // The idle time counts from the last transaction, so wake-ups that
+        // find no work (another connection took it) do not extend it.
+        let mut last_work = Instant::now();
         loop {
             if engine.stopping() || sent >= max {
                 break;
             }
             let entry = match engine.pop_ready(&dest.domain) {
                 Some(e) => e,
-                None => match self.idle(engine, dest, Instant::now() + idle_timeout).await {
+                None => match self.idle(engine, dest, last_work + idle_timeout).await {
                     IdleEnd::Work => continue,
                     IdleEnd::Timeout | IdleEnd::Shutdown => break,
                     IdleEnd::Closed => {
@@ -295,6 +298,7 @@ impl Connection {
                 attempt = entry.attempts + 1,
             );
             let usable = self.deliver(engine, entry).instrument(span).await;
+            last_work = Instant::now();
             if !usable {
                 self.close().await;
                 return sent;
