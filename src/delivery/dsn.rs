@@ -361,7 +361,7 @@ pub fn build(input: &DsnInput<'_>) -> Option<Dsn> {
 
     let ctx = Ctx {
         utf8,
-        hostname: clean(input.hostname, false),
+        hostname: clean(input.hostname, false, true),
     };
     let notification = human_readable(&ctx, input, wants_full && !full, headers_truncated);
     let status = delivery_status(&ctx, input);
@@ -395,7 +395,7 @@ pub fn build(input: &DsnInput<'_>) -> Option<Dsn> {
         "From",
         &format!("Mail Delivery System <MAILER-DAEMON@{}>", ctx.hostname),
     );
-    push_field(&mut out, "To", &format!("<{}>", ctx.text(&env.sender)));
+    push_field(&mut out, "To", &format!("<{}>", ctx.exact(&env.sender)));
     push_field(&mut out, "Subject", subject);
     push_field(&mut out, "Date", &rfc5322(input.date));
     push_field(
@@ -450,6 +450,16 @@ pub fn build(input: &DsnInput<'_>) -> Option<Dsn> {
     out.extend_from_slice(boundary.as_bytes());
     out.extend_from_slice(b"--\r\n");
 
+    tracing::debug!(
+        original = %env.id,
+        dsn = %input.dsn_id,
+        recipients = input.recipients.len(),
+        returned = if full { "full" } else { "headers" },
+        size = out.len(),
+        body_8bit,
+        smtputf8 = utf8,
+        "DSN built"
+    );
     Some(Dsn {
         message: out,
         body_8bit,
@@ -465,8 +475,14 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
+    /// Free text (reply text, host names): cleaned and collapsed.
     fn text<'s>(&self, s: &'s str) -> Cow<'s, str> {
-        clean(s, self.utf8)
+        clean(s, self.utf8, true)
+    }
+
+    /// Values echoed exactly (addresses, ORCPT, ENVID): only made safe.
+    fn exact<'s>(&self, s: &'s str) -> Cow<'s, str> {
+        clean(s, self.utf8, false)
     }
 }
 
@@ -537,7 +553,7 @@ fn human_readable(
         out.extend_from_slice(b"\r\n");
     }
     for r in input.recipients {
-        let mut line = format!("<{}>: ", ctx.text(&r.address));
+        let mut line = format!("<{}>: ", ctx.exact(&r.address));
         let reply = diagnostic_text(ctx, &r.reply);
         match (&r.remote_host, r.action.is_success()) {
             (Some(host), false) => {
@@ -571,13 +587,13 @@ fn delivery_status(ctx: &Ctx<'_>, input: &DsnInput<'_>) -> Vec<u8> {
     // RFC 3464 §2.2 order: Original-Envelope-Id, Reporting-MTA,
     // [DSN-Gateway], Received-From-MTA, Arrival-Date, extensions.
     if let Some(envid) = &env.envid {
-        push_field(&mut out, "Original-Envelope-Id", &ctx.text(envid));
+        push_field(&mut out, "Original-Envelope-Id", &ctx.exact(envid));
     }
     push_field(&mut out, "Reporting-MTA", &format!("dns; {}", ctx.hostname));
     if let Some(helo) = &env.helo {
-        let mut v = format!("dns; {}", clean(helo, false));
+        let mut v = format!("dns; {}", clean(helo, false, true));
         if let Some(ip) = &env.client_ip {
-            v.push_str(&format!(" ([{}])", clean(ip, false)));
+            v.push_str(&format!(" ([{}])", clean(ip, false, true)));
         }
         push_field(&mut out, "Received-From-MTA", &v);
     }
@@ -590,22 +606,22 @@ fn delivery_status(ctx: &Ctx<'_>, input: &DsnInput<'_>) -> Vec<u8> {
     push_field(
         &mut out,
         "X-Sluice-Sender",
-        &format!("{}; {}", address_type(&env.sender), ctx.text(&env.sender)),
+        &format!("{}; {}", address_type(&env.sender), ctx.exact(&env.sender)),
     );
     for r in input.recipients {
         out.extend_from_slice(b"\r\n");
         if let Some(orcpt) = &r.orcpt {
             let v = if orcpt.contains(';') {
-                ctx.text(orcpt).into_owned()
+                ctx.exact(orcpt).into_owned()
             } else {
-                format!("rfc822;{}", ctx.text(orcpt))
+                format!("rfc822;{}", ctx.exact(orcpt))
             };
             push_field(&mut out, "Original-Recipient", &v);
         }
         push_field(
             &mut out,
             "Final-Recipient",
-            &format!("{}; {}", address_type(&r.address), ctx.text(&r.address)),
+            &format!("{}; {}", address_type(&r.address), ctx.exact(&r.address)),
         );
         push_field(&mut out, "Action", r.action.as_str());
         push_field(&mut out, "Status", &r.status_code().to_string());
@@ -613,7 +629,7 @@ fn delivery_status(ctx: &Ctx<'_>, input: &DsnInput<'_>) -> Vec<u8> {
             push_field(
                 &mut out,
                 "Remote-MTA",
-                &format!("dns; {}", clean(host, false)),
+                &format!("dns; {}", clean(host, false, true)),
             );
         }
         let kind = if r.remote_host.is_some() {
@@ -671,12 +687,12 @@ fn diagnostic_text(ctx: &Ctx<'_>, reply: &Reply) -> String {
 }
 
 /// Makes outside text safe for a header field or a text line: control
-/// characters (CR and LF included) become spaces, runs of spaces collapse,
-/// the ends are trimmed, and non-ASCII becomes `?` unless `utf8`.
-fn clean(s: &str, utf8: bool) -> Cow<'_, str> {
-    let already = !s.starts_with(' ')
-        && !s.ends_with(' ')
-        && !s.contains("  ")
+/// characters (CR and LF included) become spaces and non-ASCII becomes `?`
+/// unless `utf8`. With `collapse` (free text such as reply text), runs of
+/// spaces become one and the ends are trimmed; without it (addresses, ENVID,
+/// which must be echoed exactly) spaces are kept.
+fn clean(s: &str, utf8: bool, collapse: bool) -> Cow<'_, str> {
+    let already = (!collapse || (!s.starts_with(' ') && !s.ends_with(' ') && !s.contains("  ")))
         && s.chars().all(|c| {
             if c.is_ascii() {
                 !c.is_ascii_control()
@@ -696,27 +712,36 @@ fn clean(s: &str, utf8: bool) -> Cow<'_, str> {
         } else {
             c
         };
-        if c == ' ' && (out.is_empty() || out.ends_with(' ')) {
+        if collapse && c == ' ' && (out.is_empty() || out.ends_with(' ')) {
             continue;
         }
         out.push(c);
     }
-    if out.ends_with(' ') {
+    if collapse && out.ends_with(' ') {
         out.pop();
     }
     Cow::Owned(out)
 }
 
 /// Appends `Name: value` CRLF, folded at spaces before column 78 and never
-/// past 998 octets. `value` must be clean (no CR, LF or runs of spaces).
+/// past 998 octets. `value` must be clean (no CR or LF).
 fn push_field(out: &mut Vec<u8>, name: &str, value: &str) {
     out.extend_from_slice(name.as_bytes());
     out.push(b':');
     let mut col = name.len() + 1;
-    for (i, word) in value.split(' ').filter(|w| !w.is_empty()).enumerate() {
+    for (i, word) in value.split(' ').enumerate() {
+        if word.is_empty() {
+            // One of several spaces in a row (kept: addresses are echoed
+            // exactly). Never folded here, so no line is only white space;
+            // dropped only if a line would pass 998 octets of spaces.
+            if i > 0 && col < MAX_LINE {
+                out.push(b' ');
+                col += 1;
+            }
+            continue;
+        }
         // A fold is CRLF inserted before the space that separates words
-        // (RFC 5322 §2.2.3); never before the first word, so no line is
-        // only whitespace.
+        // (RFC 5322 §2.2.3); never before the first word.
         if i > 0 && col + 1 + word.len() > FOLD_WIDTH {
             out.extend_from_slice(b"\r\n");
             col = 0;

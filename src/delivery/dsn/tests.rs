@@ -814,6 +814,33 @@ fn non_ascii_reply_text_is_replaced_in_an_ascii_dsn() {
     assert!(field(&g[1], "X-Injected").is_none());
 }
 
+#[test]
+fn envid_orcpt_and_addresses_are_echoed_exactly() {
+    // The server stores ENVID and ORCPT xtext-decoded (`a+2Bb+3Dc+20+20D`
+    // arrives as `a+b=c  D`); case and spacing are kept (RFC 3464 §2.2.1).
+    let env = Envelope {
+        envid: Some("a+b=c  D".into()),
+        sender: "\"Odd  Sender\"@example.org".into(),
+        ..envelope()
+    };
+    let mut r = bob();
+    r.address = "\"two  spaces\"@Example.NET".into();
+    r.orcpt = Some("rfc822;\"Two  Spaces\"@EXAMPLE.net".into());
+    let dsn = build(&input(&env, std::slice::from_ref(&r), ORIGINAL)).unwrap();
+    let p = parse_dsn(&dsn.message);
+    assert_eq!(p.top.get("To"), Some("<\"Odd  Sender\"@example.org>"));
+    let g = status_groups(p.status.body);
+    assert_eq!(field(&g[0], "Original-Envelope-Id"), Some("a+b=c  D"));
+    assert_eq!(
+        field(&g[1], "Original-Recipient"),
+        Some("rfc822;\"Two  Spaces\"@EXAMPLE.net")
+    );
+    assert_eq!(
+        field(&g[1], "Final-Recipient"),
+        Some("rfc822; \"two  spaces\"@Example.NET")
+    );
+}
+
 // ---------------------------------------------------------------------------
 // Folding and limits.
 
