@@ -18,7 +18,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -26,22 +26,17 @@ use futures_lite::future;
 use glommio::channels::channel_mesh::{Full, MeshBuilder, Senders};
 
 use super::accounting::Accounting;
-use super::backoff::{RetryPolicy, RetryVerdict};
-use super::dns::{DnsError, Resolver};
-use super::dsn::{self, Action, DsnInput, DsnRecipient};
-use super::log::BounceReason;
-use super::metrics::{DeliveryMetrics, OutcomeKind};
+use super::backoff::RetryPolicy;
+use super::dns::Resolver;
+use super::metrics::DeliveryMetrics;
 use super::notify::Notify;
-use super::plan::{self, RcptResult};
-use super::queue::{DomainCounts, Placed, QueueEntry, Queues};
+use super::plan::RcptResult;
+use super::queue::{DomainCounts, QueueEntry, Queues};
 use super::route::{Destination, Routes};
 use crate::config::Config;
-use crate::server::{date, shard_for};
+use crate::server::date;
 use crate::smtp::client::{ClientConfig, ClientTimeouts};
-use crate::smtp::{EnhancedCode, Reply};
-use crate::spool::{
-    Envelope, Partition, PartitionReader, RecipientState, Spool, SpoolId, SpoolIdGenerator,
-};
+use crate::spool::{Partition, PartitionReader, Spool, SpoolId, SpoolIdGenerator};
 
 /// A message between shards.
 #[derive(Debug)]
@@ -49,7 +44,28 @@ pub enum MeshMsg {
     /// Home -> owner: queue this entry, due at this time (Unix ms).
     Entry(QueueEntry, u64),
     /// Owner -> home: apply these results.
-    Outcome(Outcome),
+    Outcome(Outcome, InFlight),
+}
+
+/// Counts one piece of delivery work in flight across the process (an open
+/// connection, an outcome not yet written to the spool) until dropped. At
+/// shutdown every shard waits for the count to reach zero (within the grace
+/// period), so a shard never exits while another still owes it an outcome.
+#[derive(Debug)]
+pub struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    /// Counts one more.
+    pub fn new(counter: &Arc<AtomicUsize>) -> Self {
+        counter.fetch_add(1, Ordering::AcqRel);
+        InFlight(Arc::clone(counter))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Per-recipient results of one attempt (or of a local verdict) for one
@@ -67,11 +83,6 @@ pub struct Outcome {
 /// Bounded channel size between two shards. A full channel makes the sender
 /// wait (in its own task), never the receiver.
 const MESH_CHANNEL: usize = 4096;
-
-/// How often a shard publishes its per-domain counts for `/queue`.
-const SNAPSHOT_EVERY: Duration = Duration::from_secs(1);
-/// Domains listed per shard in the snapshot.
-const SNAPSHOT_DOMAINS: usize = 100;
 
 /// The queue state each shard publishes for the admin endpoint (the admin
 /// thread cannot look into a shard's `Rc` state).
@@ -114,6 +125,8 @@ pub struct DeliveryShared {
     pub not_before: Option<SpoolId>,
     /// Every partition in the spool at start-up.
     pub partitions: Vec<u16>,
+    /// Delivery work in flight over all shards (see [`InFlight`]).
+    pub in_flight: Arc<AtomicUsize>,
 }
 
 impl DeliveryShared {
@@ -170,37 +183,38 @@ pub(super) fn now_ms() -> u64 {
 /// One shard's delivery engine. See the module documentation.
 pub struct Engine {
     pub(super) index: usize,
-    shards: usize,
+    pub(super) shards: usize,
     pub(super) enabled: bool,
     pub(super) config: Arc<Config>,
     pub(super) policy: RetryPolicy,
     pub(super) client_config: Arc<ClientConfig>,
-    spool: Spool,
+    pub(super) spool: Spool,
     /// Partitions this shard writes: its own and adopted ones.
-    partitions: HashMap<u16, Partition>,
-    readers: RefCell<HashMap<u16, PartitionReader>>,
-    ids: Rc<RefCell<SpoolIdGenerator>>,
-    senders: Option<Senders<MeshMsg>>,
+    pub(super) partitions: HashMap<u16, Partition>,
+    pub(super) readers: RefCell<HashMap<u16, PartitionReader>>,
+    pub(super) ids: Rc<RefCell<SpoolIdGenerator>>,
+    pub(super) senders: Option<Senders<MeshMsg>>,
     /// Mesh peer id of each shard.
-    peer_of: Vec<usize>,
+    pub(super) peer_of: Vec<usize>,
     pub(super) queues: RefCell<Queues>,
-    dests: RefCell<HashMap<String, Rc<Dest>>>,
-    timer: Notify,
+    pub(super) dests: RefCell<HashMap<String, Rc<Dest>>>,
+    pub(super) timer: Notify,
     pub(super) resolver: Resolver,
     pub(super) routes: Routes,
     pub(super) log: Accounting,
     /// Messages whose completion (DSN + remove) is being written: a late
     /// outcome must not complete them twice.
-    completing: RefCell<HashSet<SpoolId>>,
+    pub(super) completing: RefCell<HashSet<SpoolId>>,
     pub(super) metrics: DeliveryMetrics,
-    stopping: Cell<bool>,
+    pub(super) stopping: Cell<bool>,
     /// Signalled at shutdown (idle connections QUIT).
     pub(super) shutdown: Notify,
-    connections: Cell<usize>,
+    pub(super) connections: Cell<usize>,
     /// Signalled when a connection task ends.
-    connection_ended: Notify,
-    snapshot: QueueSnapshot,
-    not_before: Option<SpoolId>,
+    pub(super) connection_ended: Notify,
+    pub(super) snapshot: QueueSnapshot,
+    pub(super) not_before: Option<SpoolId>,
+    pub(super) in_flight: Arc<AtomicUsize>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -313,6 +327,7 @@ impl Engine {
             connection_ended: Notify::new(),
             snapshot: shared.snapshot,
             not_before: shared.not_before,
+            in_flight: shared.in_flight,
         });
         if let Some(mut receivers) = receivers {
             for (peer, rx) in receivers.streams() {
@@ -342,16 +357,16 @@ impl Engine {
         self.stopping.get()
     }
 
-    fn receive(self: &Rc<Self>, msg: MeshMsg) {
+    pub(super) fn receive(self: &Rc<Self>, msg: MeshMsg) {
         match msg {
             MeshMsg::Entry(entry, due) => self.enqueue(entry, due),
-            MeshMsg::Outcome(o) => self.spawn_apply(o),
+            MeshMsg::Outcome(o, token) => self.spawn_apply(o, token),
         }
     }
 
     /// Sends `msg` to shard `to` (not this one). Tries without waiting
     /// first; a full channel hands the send to a task.
-    fn send(self: &Rc<Self>, to: usize, msg: MeshMsg) {
+    pub(super) fn send(self: &Rc<Self>, to: usize, msg: MeshMsg) {
         let Some(senders) = &self.senders else {
             tracing::error!(to, "no mesh to send over");
             return;
@@ -376,659 +391,6 @@ impl Engine {
         }
     }
 
-    // ------------------------------------------------------------------
-    // Home side.
-
-    /// A message was stored and acknowledged on this shard: log it and
-    /// queue it. Never fails: whatever cannot be queued now is in the spool
-    /// and is queued again at the next start.
-    pub fn accepted(self: &Rc<Self>, partition: u16, envelope: &Envelope) {
-        self.log.reception(envelope);
-        if !self.enabled {
-            return;
-        }
-        let max = self.config.delivery.max_recipients_per_transaction;
-        let (entries, unroutable) = plan::entries_for_new(envelope, partition, max);
-        let now = now_ms();
-        for entry in entries {
-            self.dispatch(entry, now);
-        }
-        if !unroutable.is_empty() {
-            self.fail_local(
-                envelope.id,
-                partition,
-                &unroutable,
-                &Reply::new(
-                    550,
-                    EnhancedCode::new(5, 1, 3),
-                    "Recipient address has no domain",
-                ),
-            );
-        }
-    }
-
-    /// Sends `entry` to the shard owning its domain.
-    pub(super) fn dispatch(self: &Rc<Self>, entry: QueueEntry, due_ms: u64) {
-        let owner = shard_for(&entry.domain, self.shards);
-        if owner == self.index {
-            self.enqueue(entry, due_ms);
-        } else {
-            self.send(owner, MeshMsg::Entry(entry, due_ms));
-        }
-    }
-
-    /// Sends `outcome` to its message's home shard.
-    pub(super) fn report(self: &Rc<Self>, outcome: Outcome) {
-        if outcome.results.is_empty() {
-            return;
-        }
-        let home = usize::from(outcome.partition) % self.shards;
-        if home == self.index {
-            self.spawn_apply(outcome);
-        } else {
-            self.send(home, MeshMsg::Outcome(outcome));
-        }
-    }
-
-    fn fail_local(self: &Rc<Self>, id: SpoolId, partition: u16, rcpts: &[u16], reply: &Reply) {
-        let at_ms = now_ms();
-        self.metrics
-            .outcome(OutcomeKind::Failed, reply.code(), false, rcpts.len() as u64);
-        let results = rcpts
-            .iter()
-            .map(|&index| RcptResult {
-                index,
-                state: RecipientState::Failed {
-                    at_ms,
-                    reply: reply.to_string(),
-                },
-                remote_mta: None,
-            })
-            .collect();
-        self.report(Outcome {
-            id,
-            partition,
-            results,
-        });
-    }
-
-    fn spawn_apply(self: &Rc<Self>, outcome: Outcome) {
-        let e = Rc::clone(self);
-        glommio::spawn_local(async move { e.apply(outcome).await }).detach();
-    }
-
-    /// Applies an outcome to the stored envelope. Everything from reading
-    /// the envelope to handing the new one to the spool runs without a
-    /// yield, so outcomes for the same message (several domains) never
-    /// overwrite each other; only the flush is awaited.
-    async fn apply(self: Rc<Self>, outcome: Outcome) {
-        let Some(part) = self.partitions.get(&outcome.partition).cloned() else {
-            tracing::error!(partition = outcome.partition, id = %outcome.id, "outcome for a partition this shard does not own");
-            return;
-        };
-        if self.completing.borrow().contains(&outcome.id) {
-            return;
-        }
-        let mut env = match part.load_envelope(outcome.id) {
-            Ok(Some(env)) => env,
-            // Already completed (a repeated outcome after a restart).
-            Ok(None) => return,
-            Err(e) => {
-                self.metrics.spool_errors.increment(1);
-                tracing::error!(id = %outcome.id, error = %e, "cannot read envelope to apply an outcome");
-                return;
-            }
-        };
-        if plan::apply_results(&mut env, &outcome.results) == 0 {
-            return;
-        }
-        if env.is_done() {
-            self.finish(&part, env).await;
-        } else if let Err(e) = part.update(&env).await {
-            self.metrics.spool_errors.increment(1);
-            tracing::error!(id = %env.id, error = %e, "cannot store delivery outcome; recipients will be retried after a restart");
-        }
-    }
-
-    /// Every recipient of `env` is final: store the DSN if one is owed and
-    /// remove the message, in one batch; then queue the DSN.
-    async fn finish(self: &Rc<Self>, part: &Partition, env: Envelope) {
-        let id = env.id;
-        if !self.completing.borrow_mut().insert(id) {
-            return;
-        }
-        let dsn = self.build_dsn(part, &env);
-        let dsn_rcpts = dsn::recipients_to_report(&env, Action::Failed).len();
-        let result = part
-            .complete(id, dsn.as_ref().map(|(e, b)| (e, b.as_slice())))
-            .await;
-        self.completing.borrow_mut().remove(&id);
-        match result {
-            Ok(()) => {
-                self.metrics.completed.increment(1);
-                tracing::debug!(%id, "message complete");
-                if let Some((denv, _)) = dsn {
-                    self.metrics.bounces.increment(1);
-                    self.log.dsn(&env, &denv, dsn_rcpts);
-                    tracing::info!(%id, dsn = %denv.id, to = %denv.recipients[0].address, "bounce queued");
-                    self.accepted_dsn(part.shard(), &denv);
-                }
-            }
-            Err(e) => {
-                self.metrics.spool_errors.increment(1);
-                tracing::error!(%id, error = %e, "cannot complete message; it is finished again after a restart");
-            }
-        }
-    }
-
-    /// Queues a DSN this shard just stored (not logged as a reception).
-    fn accepted_dsn(self: &Rc<Self>, partition: u16, env: &Envelope) {
-        let max = self.config.delivery.max_recipients_per_transaction;
-        let (entries, _) = plan::entries_for_new(env, partition, max);
-        let now = now_ms();
-        for entry in entries {
-            self.dispatch(entry, now);
-        }
-    }
-
-    /// The DSN owed for `env` (envelope and message), if any.
-    fn build_dsn(&self, part: &Partition, env: &Envelope) -> Option<(Envelope, Vec<u8>)> {
-        let indexes = dsn::recipients_to_report(env, Action::Failed);
-        if indexes.is_empty() {
-            return None;
-        }
-        let recipients: Vec<DsnRecipient> = indexes
-            .iter()
-            .filter_map(|&i| {
-                let r = &env.recipients[i];
-                let mut d = DsnRecipient::from_spool(r)?;
-                d.remote_host = r.remote_mta.clone();
-                // A recipient failed with a transient reply was never
-                // refused: it ran out of time (RFC 3463 4.4.7).
-                if let RecipientState::Failed { reply, .. } = &r.state {
-                    if !reply.starts_with('5') {
-                        d.status = Some(EnhancedCode::new(4, 4, 7));
-                    }
-                }
-                Some(d)
-            })
-            .collect();
-        let original = match part.reader().load_body(env.id) {
-            Ok(Some(b)) => b,
-            Ok(None) => sled::IVec::default(),
-            Err(e) => {
-                tracing::warn!(id = %env.id, error = %e, "cannot read the original for the DSN; headers omitted");
-                sled::IVec::default()
-            }
-        };
-        let now = SystemTime::now();
-        let now_ms = date::unix_ms(now);
-        let dsn_id = self.ids.borrow_mut().next(now_ms);
-        let built = dsn::build(&DsnInput {
-            hostname: &self.config.server.hostname,
-            dsn_id,
-            date: now,
-            envelope: env,
-            recipients: &recipients,
-            original: &original,
-            return_size_limit: self.config.delivery.bounce_size_limit,
-        })?;
-        let denv = built.envelope(dsn_id, now_ms, &env.sender);
-        Some((denv, built.message))
-    }
-
-    /// Re-queues everything in this shard's partitions that was stored
-    /// before this start (messages accepted since queue themselves), and
-    /// finishes messages that were complete but not yet removed.
-    pub async fn rebuild(self: Rc<Self>) {
-        if !self.enabled {
-            return;
-        }
-        let Some(limit) = self.not_before else {
-            return;
-        };
-        let started = Instant::now();
-        let max = self.config.delivery.max_recipients_per_transaction;
-        let mut parts: Vec<Partition> = self.partitions.values().cloned().collect();
-        parts.sort_by_key(|p| p.shard());
-        let (mut messages, mut entries, mut finished) = (0usize, 0usize, 0usize);
-        for part in parts {
-            // Collect the envelopes first: completing messages while a sled
-            // iterator is open over the same tree is allowed, but a snapshot
-            // keeps the walk simple to reason about.
-            let envelopes: Vec<Envelope> = part
-                .envelopes()
-                .filter_map(|r| match r {
-                    Ok(env) => Some(env),
-                    Err(e) => {
-                        tracing::error!(partition = part.shard(), error = %e, "unreadable envelope skipped");
-                        None
-                    }
-                })
-                .filter(|env| env.id <= limit)
-                .collect();
-            for env in envelopes {
-                if self.stopping() {
-                    return;
-                }
-                messages += 1;
-                if env.is_done() {
-                    finished += 1;
-                    self.finish(&part, env).await;
-                    continue;
-                }
-                let now = now_ms();
-                let (list, unroutable) = plan::entries_for_restart(&env, part.shard(), max, now);
-                entries += list.len();
-                for (entry, due) in list {
-                    self.dispatch(entry, due);
-                }
-                if !unroutable.is_empty() {
-                    self.fail_local(
-                        env.id,
-                        part.shard(),
-                        &unroutable,
-                        &Reply::new(
-                            550,
-                            EnhancedCode::new(5, 1, 3),
-                            "Recipient address has no domain",
-                        ),
-                    );
-                }
-                glommio::yield_if_needed().await;
-            }
-        }
-        tracing::info!(
-            shard = self.index,
-            messages,
-            entries,
-            finished,
-            secs = started.elapsed().as_secs_f64(),
-            "queues rebuilt from the spool"
-        );
-    }
-
-    // ------------------------------------------------------------------
-    // Delivery side.
-
-    /// Queues an entry this shard owns.
-    pub(super) fn enqueue(self: &Rc<Self>, entry: QueueEntry, due_ms: u64) {
-        if !self.enabled || self.stopping() {
-            // The spool has it; the next start queues it again.
-            return;
-        }
-        let domain = entry.domain.clone();
-        let placed = self.queues.borrow_mut().push(entry, due_ms, now_ms());
-        match placed {
-            Placed::Ready => self.kick(&domain),
-            Placed::Scheduled(_) => self.timer.notify_all(),
-        }
-        self.update_gauges();
-    }
-
-    /// Puts an entry back at once, without counting an attempt (its
-    /// connection went away before it was tried).
-    pub(super) fn requeue_untried(self: &Rc<Self>, entry: QueueEntry) {
-        if self.stopping() {
-            return;
-        }
-        let now = now_ms();
-        let _ = self.queues.borrow_mut().push(entry, now, now);
-        self.update_gauges();
-    }
-
-    pub(super) fn update_gauges(&self) {
-        let q = self.queues.borrow();
-        self.metrics.queue_ready.set(q.ready_total() as f64);
-        self.metrics.queue_scheduled.set(q.scheduled_total() as f64);
-    }
-
-    pub(super) fn dest(&self, domain: &str) -> Rc<Dest> {
-        let mut dests = self.dests.borrow_mut();
-        if let Some(d) = dests.get(domain) {
-            return Rc::clone(d);
-        }
-        let d = Rc::new(Dest {
-            domain: domain.to_owned(),
-            conns: Cell::new(0),
-            starting: Cell::new(0),
-            idle: Cell::new(0),
-            work: Notify::new(),
-            failures: Cell::new(0),
-            resolved: RefCell::new(None),
-        });
-        dests.insert(domain.to_owned(), Rc::clone(&d));
-        d
-    }
-
-    /// Ready work for `domain`: wake its idle connections and open new ones
-    /// (up to `max_connections`) for what they cannot take.
-    pub(super) fn kick(self: &Rc<Self>, domain: &str) {
-        if self.stopping() {
-            return;
-        }
-        let ready = self.queues.borrow().ready_len(domain);
-        if ready == 0 {
-            return;
-        }
-        let dest = self.dest(domain);
-        if dest.idle.get() > 0 {
-            dest.work.notify_all();
-        }
-        let spare = dest.idle.get() + dest.starting.get();
-        let mut want = ready.saturating_sub(spare);
-        let max = self.config.delivery.max_connections;
-        while want > 0 && dest.conns.get() < max {
-            want -= 1;
-            dest.conns.set(dest.conns.get() + 1);
-            dest.starting.set(dest.starting.get() + 1);
-            self.connections.set(self.connections.get() + 1);
-            let guard = ConnectionGuard {
-                engine: Rc::clone(self),
-                dest: Rc::clone(&dest),
-                starting: Cell::new(true),
-            };
-            glommio::spawn_local(super::worker::connection(guard)).detach();
-        }
-    }
-
-    /// The next ready entry of `domain`.
-    pub(super) fn pop_ready(&self, domain: &str) -> Option<QueueEntry> {
-        let e = self.queues.borrow_mut().pop_ready(domain);
-        if e.is_some() {
-            self.update_gauges();
-        }
-        e
-    }
-
-    pub(super) fn ready_len(&self, domain: &str) -> usize {
-        self.queues.borrow().ready_len(domain)
-    }
-
-    /// A read handle on `partition` (opened once, then cached).
-    pub(super) fn reader(
-        &self,
-        partition: u16,
-    ) -> Result<PartitionReader, crate::spool::SpoolError> {
-        if let Some(r) = self.readers.borrow().get(&partition) {
-            return Ok(r.clone());
-        }
-        let r = self.spool.reader(partition)?;
-        self.readers.borrow_mut().insert(partition, r.clone());
-        Ok(r)
-    }
-
-    /// Results for `rcpts` of `entry` after a temporary failure with
-    /// `reply`: deferred with backoff (and the entry scheduled again), or
-    /// failed once the message is older than `max_age`.
-    pub(super) fn temporary_failure(
-        self: &Rc<Self>,
-        entry: &QueueEntry,
-        rcpts: Vec<u16>,
-        reply: &Reply,
-        remote_mta: Option<String>,
-        remote: bool,
-        results: &mut Vec<RcptResult>,
-    ) {
-        if rcpts.is_empty() {
-            return;
-        }
-        let now = now_ms();
-        let attempts = entry.attempts.saturating_add(1);
-        let verdict =
-            self.policy
-                .after_failure(now, entry.received_at_ms, attempts, rand::random::<f64>());
-        let n = rcpts.len() as u64;
-        match verdict {
-            RetryVerdict::RetryAt(next) => {
-                self.metrics
-                    .outcome(OutcomeKind::Deferred, reply.code(), remote, n);
-                for &index in &rcpts {
-                    results.push(RcptResult {
-                        index,
-                        state: RecipientState::Deferred {
-                            attempts,
-                            last_reply: reply.to_string(),
-                            next_attempt_ms: next,
-                        },
-                        remote_mta: remote_mta.clone(),
-                    });
-                }
-                self.log.deferral(
-                    entry,
-                    &self.addresses(entry, &rcpts),
-                    reply,
-                    remote_mta.as_deref(),
-                    next,
-                );
-                let again = QueueEntry {
-                    rcpts,
-                    attempts,
-                    ..entry.clone()
-                };
-                self.enqueue(again, next);
-            }
-            RetryVerdict::Expired => {
-                self.metrics
-                    .outcome(OutcomeKind::Failed, reply.code(), remote, n);
-                self.metrics
-                    .queue_time
-                    .record(now.saturating_sub(entry.received_at_ms) as f64 / 1000.0);
-                tracing::info!(id = %entry.id, domain = %entry.domain, attempts, "expired: failing with 4.4.7");
-                for &index in &rcpts {
-                    results.push(RcptResult {
-                        index,
-                        state: RecipientState::Failed {
-                            at_ms: now,
-                            reply: reply.to_string(),
-                        },
-                        remote_mta: remote_mta.clone(),
-                    });
-                }
-                self.log.failure(
-                    entry,
-                    &self.addresses(entry, &rcpts),
-                    reply,
-                    remote_mta.as_deref(),
-                    BounceReason::Expired,
-                );
-            }
-        }
-    }
-
-    /// Results for `rcpts` of `entry` after a permanent failure.
-    pub(super) fn permanent_failure(
-        &self,
-        entry: &QueueEntry,
-        rcpts: &[u16],
-        reply: &Reply,
-        remote_mta: Option<String>,
-        reason: BounceReason,
-        results: &mut Vec<RcptResult>,
-    ) {
-        if rcpts.is_empty() {
-            return;
-        }
-        let remote = reason == BounceReason::Remote;
-        let now = now_ms();
-        self.metrics.outcome(
-            OutcomeKind::Failed,
-            reply.code(),
-            remote,
-            rcpts.len() as u64,
-        );
-        self.metrics
-            .queue_time
-            .record(now.saturating_sub(entry.received_at_ms) as f64 / 1000.0);
-        for &index in rcpts {
-            results.push(RcptResult {
-                index,
-                state: RecipientState::Failed {
-                    at_ms: now,
-                    reply: reply.to_string(),
-                },
-                remote_mta: remote_mta.clone(),
-            });
-        }
-        self.log.failure(
-            entry,
-            &self.addresses(entry, rcpts),
-            reply,
-            remote_mta.as_deref(),
-            reason,
-        );
-    }
-
-    /// The addresses of `rcpts` of `entry`, for the accounting log (read
-    /// only when the log is on).
-    fn addresses(&self, entry: &QueueEntry, rcpts: &[u16]) -> Vec<String> {
-        if !self.log.is_enabled() {
-            return Vec::new();
-        }
-        let env = self
-            .reader(entry.partition)
-            .ok()
-            .and_then(|r| r.load_envelope(entry.id).ok().flatten());
-        rcpts
-            .iter()
-            .map(|&i| {
-                env.as_ref()
-                    .and_then(|e| e.recipients.get(usize::from(i)))
-                    .map_or_else(|| format!("#{i}"), |r| r.address.clone())
-            })
-            .collect()
-    }
-
-    /// No host of `dest` could be reached (or DNS failed temporarily): back
-    /// the destination off as a whole and defer everything ready for it.
-    pub(super) fn destination_unreachable(self: &Rc<Self>, dest: &Dest, reply: &Reply) {
-        let failures = dest.failures.get().saturating_add(1);
-        dest.failures.set(failures);
-        let until = now_ms() + self.policy.delay_ms(failures, rand::random::<f64>());
-        let taken = self.queues.borrow_mut().hold(&dest.domain, until);
-        self.metrics.destinations_held.increment(1);
-        tracing::info!(
-            domain = %dest.domain,
-            failures,
-            entries = taken.len(),
-            hold_secs = until.saturating_sub(now_ms()) / 1000,
-            reply = %reply,
-            "destination unreachable: backed off"
-        );
-        for entry in taken {
-            let mut results = Vec::new();
-            self.temporary_failure(
-                &entry,
-                entry.rcpts.clone(),
-                reply,
-                None,
-                false,
-                &mut results,
-            );
-            self.report(Outcome {
-                id: entry.id,
-                partition: entry.partition,
-                results,
-            });
-        }
-        self.update_gauges();
-    }
-
-    /// A routing failure for `dest`.
-    pub(super) fn dns_failure(self: &Rc<Self>, dest: &Dest, error: &DnsError) {
-        let reply = error.reply();
-        if !error.is_permanent() {
-            self.destination_unreachable(dest, &reply);
-            return;
-        }
-        let taken = self.queues.borrow_mut().take_ready(&dest.domain);
-        tracing::info!(domain = %dest.domain, entries = taken.len(), error = %error, "destination cannot be routed: failing");
-        for entry in taken {
-            let mut results = Vec::new();
-            self.permanent_failure(
-                &entry,
-                &entry.rcpts,
-                &reply,
-                None,
-                BounceReason::Dns,
-                &mut results,
-            );
-            self.report(Outcome {
-                id: entry.id,
-                partition: entry.partition,
-                results,
-            });
-        }
-        self.update_gauges();
-    }
-
-    async fn timer_task(self: Rc<Self>) {
-        loop {
-            if self.stopping() {
-                return;
-            }
-            let woke = self.queues.borrow_mut().promote(now_ms());
-            for domain in woke {
-                self.kick(&domain);
-            }
-            self.update_gauges();
-            let wait = match self.queues.borrow().next_due() {
-                Some(t) => Duration::from_millis(t.saturating_sub(now_ms()).max(1)),
-                None => Duration::from_secs(3600),
-            };
-            future::or(self.timer.notified(), glommio::timer::sleep(wait)).await;
-        }
-    }
-
-    async fn snapshot_task(self: Rc<Self>) {
-        loop {
-            let now = now_ms();
-            let snap = {
-                let q = self.queues.borrow();
-                ShardQueueSnapshot {
-                    ready: q.ready_total(),
-                    scheduled: q.scheduled_total(),
-                    connections: self.connections.get(),
-                    domains: q.domain_counts(now, SNAPSHOT_DOMAINS),
-                }
-            };
-            // Forget destinations with nothing queued and no connection
-            // (one that is failing keeps its failure count, so its backoff
-            // keeps growing).
-            let idle: Vec<String> = self
-                .dests
-                .borrow()
-                .iter()
-                .filter(|(name, d)| {
-                    d.conns.get() == 0
-                        && d.failures.get() == 0
-                        && self.queues.borrow().ready_len(name) == 0
-                })
-                .map(|(name, _)| name.clone())
-                .collect();
-            for name in idle {
-                let mut q = self.queues.borrow_mut();
-                q.forget_if_idle(&name, now);
-                if q.held_until(&name, now).is_none() {
-                    self.dests.borrow_mut().remove(&name);
-                }
-            }
-            if let Ok(mut all) = self.snapshot.lock() {
-                if let Some(slot) = all.get_mut(self.index) {
-                    *slot = snap;
-                }
-            }
-            if self.stopping() {
-                return;
-            }
-            future::or(
-                self.shutdown.notified(),
-                glommio::timer::sleep(SNAPSHOT_EVERY),
-            )
-            .await;
-        }
-    }
-
     /// Stops taking new work: idle connections QUIT, busy ones QUIT after
     /// their transaction, the timer stops. Queued entries stay in the spool.
     pub fn begin_shutdown(&self) {
@@ -1040,13 +402,14 @@ impl Engine {
         }
     }
 
-    /// Waits until every connection task has ended, at most until `deadline`.
-    /// Returns how many are still running.
-    pub async fn drain(&self, deadline: Instant) -> usize {
+    /// Waits until every connection task of this shard has ended and no
+    /// outcome is in flight anywhere in the process, at most until
+    /// `deadline`. Returns whether everything settled.
+    pub async fn drain(&self, deadline: Instant) -> bool {
         while self.connections.get() > 0 {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                break;
+                return false;
             }
             future::or(
                 self.connection_ended.notified(),
@@ -1054,7 +417,16 @@ impl Engine {
             )
             .await;
         }
-        self.connections.get()
+        // Other shards' connections report outcomes to this one, and this
+        // one's to them: all stay until the process-wide count is zero. The
+        // count lives across threads, so poll it (only during shutdown).
+        while self.in_flight.load(Ordering::Acquire) > 0 {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            glommio::timer::sleep(Duration::from_millis(10)).await;
+        }
+        true
     }
 }
 
@@ -1063,7 +435,8 @@ impl Engine {
 pub(super) struct ConnectionGuard {
     pub engine: Rc<Engine>,
     pub dest: Rc<Dest>,
-    starting: Cell<bool>,
+    pub starting: Cell<bool>,
+    pub _in_flight: InFlight,
 }
 
 impl ConnectionGuard {

@@ -147,6 +147,7 @@ fn delivery_shared(
         snapshot: Arc::new(std::sync::Mutex::new(Vec::new())),
         not_before,
         partitions,
+        in_flight: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
     })
 }
 

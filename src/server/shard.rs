@@ -173,11 +173,9 @@ pub(crate) async fn run(spec: ShardSpec) {
             "grace period over; closing remaining sessions"
         );
     }
-    let left = engine.drain(grace_end).await;
-    if left > 0 {
+    if !engine.drain(grace_end).await {
         tracing::warn!(
             shard = index,
-            connections = left,
             "grace period over; abandoning outbound transactions (retried after restart)"
         );
     }
