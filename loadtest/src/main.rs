@@ -77,13 +77,14 @@ struct SendArgs {
     /// Recipients per message.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     recipients: u64,
-    /// Distinct recipient domains: user{n}@d{domain}.test with domain = n mod N.
+    /// Distinct recipient domains: recipient number n goes to domain d(n mod N).test.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     domains: u64,
     /// Envelope and From: sender.
     #[arg(long, default_value = "load@sluice-load.test")]
     from: String,
-    /// Recipient template; {n} (or {i}) = recipient number, {domain} (or {j}) = n mod --domains.
+    /// Recipient template: the placeholders n (or i) = recipient number and domain (or j) =
+    /// n mod --domains, each in braces.
     #[arg(long, default_value = "user{n}@d{domain}.test")]
     rcpt_template: String,
     /// PIPELINING use: auto (when offered), on (always), off (never).

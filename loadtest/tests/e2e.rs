@@ -457,7 +457,10 @@ fn ids_file_records_queue_ids() {
     let s = sink.wait_stats("connections", |s| {
         s["connections_current"] == 0 && s["messages"] == 50
     });
-    assert_eq!(u(&s, "connections_total"), u(&r, "connections_opened"));
+    // A slot that reconnected just as the last messages were taken by others is closed
+    // during its handshake: the sink saw it, the generator does not count it as opened.
+    let (seen, opened) = (u(&s, "connections_total"), u(&r, "connections_opened"));
+    assert!((opened..=opened + 3).contains(&seen), "{seen} vs {opened}");
 }
 
 #[test]

@@ -98,6 +98,8 @@ pub struct Local {
     pub ids: Vec<u8>,
     /// RFC 5322 date of the current second (formatting it per message would be waste).
     date: (u64, String),
+    /// A connection wants to reconnect now: run the timers at once, not at the next tick.
+    pub kick: bool,
 }
 
 impl Local {
@@ -108,6 +110,7 @@ impl Local {
             acked: Vec::new(),
             ids: Vec::new(),
             date: (u64::MAX, String::new()),
+            kick: false,
         }
     }
 
@@ -260,6 +263,7 @@ impl Conn {
             w.tally.note_error(why);
         }
         self.phase = Phase::Backoff(now);
+        w.kick = true;
     }
 
     /// Handles readiness of this connection's socket.
@@ -273,6 +277,8 @@ impl Conn {
         buf: &mut [u8],
     ) {
         let readable = ev.is_readable() || ev.is_read_closed() || ev.is_error();
+        // A FIN behind the data raises no new edge: read to the end then.
+        let drain = ev.is_read_closed() || ev.is_error();
         let writable = ev.is_writable();
         let now = Instant::now();
         if self.phase == Phase::Connecting {
@@ -303,7 +309,7 @@ impl Conn {
             self.flush(sh, w, registry, now);
         }
         if readable {
-            self.read(sh, w, registry, ready, buf);
+            self.read(sh, w, registry, ready, buf, drain);
         }
     }
 
@@ -311,7 +317,9 @@ impl Conn {
         self.out_pos < self.out.len()
     }
 
-    /// Reads until the socket would block, handling every complete reply.
+    /// Reads what the socket has, handling every complete reply. A short read drained the
+    /// socket (later data raises a new edge), so the read that would only say EAGAIN is
+    /// skipped unless `drain` is set.
     fn read(
         &mut self,
         sh: &Shared,
@@ -319,6 +327,7 @@ impl Conn {
         registry: &Registry,
         ready: &mut Vec<usize>,
         buf: &mut [u8],
+        drain: bool,
     ) {
         loop {
             let Some(s) = self.stream.as_mut() else {
@@ -328,7 +337,7 @@ impl Conn {
                 Ok(0) => {
                     let now = Instant::now();
                     if self.phase == Phase::Quitting {
-                        return self.quit_done(sh, registry, now);
+                        return self.quit_done(sh, w, registry, now);
                     }
                     let what = self
                         .expect
@@ -347,13 +356,16 @@ impl Conn {
                     if !self.parse_replies(sh, w, registry, ready) {
                         return;
                     }
+                    if n < buf.len() && !drain {
+                        break;
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     let now = Instant::now();
                     if self.phase == Phase::Quitting {
-                        return self.quit_done(sh, registry, now);
+                        return self.quit_done(sh, w, registry, now);
                     }
                     return self.connection_lost(sh, w, registry, now, format!("read: {e}"));
                 }
@@ -497,7 +509,7 @@ impl Conn {
             Expect::Rset => {
                 if let Some(tx) = &self.tx {
                     if !tx.mail_sent {
-                        self.send_envelope(sh, w);
+                        self.send_envelope(sh);
                     }
                 }
             }
@@ -595,7 +607,7 @@ impl Conn {
                 self.after_tx(sh, ready, now);
             }
             Expect::Quit => {
-                self.quit_done(sh, registry, now);
+                self.quit_done(sh, w, registry, now);
                 return false;
             }
         }
@@ -668,11 +680,11 @@ impl Conn {
                 return; // MAIL follows the RSET reply
             }
         }
-        self.send_envelope(sh, w);
+        self.send_envelope(sh);
     }
 
     /// MAIL (and, pipelined, everything up to DATA or all of BDAT).
-    fn send_envelope(&mut self, sh: &Shared, _w: &mut Local) {
+    fn send_envelope(&mut self, sh: &Shared) {
         let size_param = self.caps.size;
         let Some(tx) = self.tx.as_mut() else { return };
         tx.mail_sent = true;
@@ -824,7 +836,7 @@ impl Conn {
     }
 
     /// The server answered QUIT (or closed): reconnect if the run goes on.
-    fn quit_done(&mut self, sh: &Shared, registry: &Registry, now: Instant) {
+    fn quit_done(&mut self, sh: &Shared, w: &mut Local, registry: &Registry, now: Instant) {
         self.close_socket(registry);
         if self.established {
             self.established = false;
@@ -832,9 +844,11 @@ impl Conn {
                 .connections
                 .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         }
-        self.phase = if sh.schedule.is_stopped() || self.finishing {
+        self.phase = if self.finishing || sh.schedule.is_exhausted(now) {
             Phase::Done
         } else {
+            // --messages-per-connection: the next connection starts at once.
+            w.kick = true;
             Phase::Backoff(now)
         };
     }
@@ -902,7 +916,7 @@ impl Conn {
                     let why = format!("timeout after {:?} waiting for {what}", sh.cfg.io_timeout);
                     if self.phase == Phase::Quitting {
                         w.tally.note_error(why);
-                        self.quit_done(sh, registry, now);
+                        self.quit_done(sh, w, registry, now);
                     } else {
                         self.connection_lost(sh, w, registry, now, why);
                     }
@@ -931,7 +945,7 @@ impl Conn {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     if self.phase == Phase::Quitting {
-                        return self.quit_done(sh, registry, now);
+                        return self.quit_done(sh, w, registry, now);
                     }
                     return self.connection_lost(sh, w, registry, now, format!("write: {e}"));
                 }

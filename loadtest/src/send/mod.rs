@@ -125,6 +125,7 @@ fn new_run_id() -> String {
 
 /// Runs the generator to the end and returns its report.
 pub fn run(cfg: SendConfig) -> io::Result<SendReport> {
+    let launched = Instant::now();
     let _ = crate::sys::raise_nofile(cfg.connections as u64 + 64);
     let run_id = cfg.run_id.clone().unwrap_or_else(new_run_id);
     let acked = cfg.acked.as_ref().map(open_append).transpose()?;
@@ -197,7 +198,8 @@ pub fn run(cfg: SendConfig) -> io::Result<SendReport> {
             Err(_) => return Err(io::Error::other("a worker thread panicked")),
         }
     }
-    let end = tally.last_end.unwrap_or_else(Instant::now).max(start);
+    let all_done = Instant::now();
+    let end = tally.last_end.unwrap_or(all_done).max(start);
     let cfg = &shared.cfg;
     let facts = RunFacts {
         run_id,
@@ -208,6 +210,8 @@ pub fn run(cfg: SendConfig) -> io::Result<SendReport> {
         messages: cfg.messages,
         duration: cfg.duration,
         elapsed: end.duration_since(start),
+        setup: start.duration_since(launched),
+        wind_down: all_done.saturating_duration_since(end),
         stopped_by_duration_limit: cfg.duration.is_some()
             && cfg.messages.is_some_and(|m| tally.attempted < m),
         interrupted: interrupted.load(Ordering::Relaxed),
@@ -377,7 +381,7 @@ fn worker(sh: &Shared, mut poll: Poll, n: usize) -> Tally {
     let mut given_up = vec![false; n];
     loop {
         let now = Instant::now();
-        if now >= next_tick {
+        if now >= next_tick || std::mem::take(&mut w.kick) {
             next_tick = now + TIMER_TICK;
             for (i, c) in conns.iter_mut().enumerate() {
                 c.on_timer(sh, &mut w, &registry, now);

@@ -256,8 +256,13 @@ pub struct SendReport {
     pub stopped_by_duration_limit: bool,
     /// Stopped by SIGINT/SIGTERM.
     pub interrupted: bool,
-    /// From the start to the last transaction's end.
+    /// From the start of the measured window (all connections up) to the last
+    /// transaction's end.
     pub elapsed_s: f64,
+    /// Before the window: preparing bodies and establishing the connections.
+    pub setup_s: f64,
+    /// After the window: QUIT on every connection and the workers' exit.
+    pub wind_down_s: f64,
     /// `accepted / elapsed_s`.
     pub messages_per_s: f64,
     /// `attempted / elapsed_s`: the offered rate (open loop: compare with `rate_target`).
@@ -276,6 +281,8 @@ pub struct RunFacts {
     pub messages: Option<u64>,
     pub duration: Option<Duration>,
     pub elapsed: Duration,
+    pub setup: Duration,
+    pub wind_down: Duration,
     pub stopped_by_duration_limit: bool,
     pub interrupted: bool,
 }
@@ -328,6 +335,8 @@ pub fn build(t: &Tally, f: RunFacts) -> SendReport {
         stopped_by_duration_limit: f.stopped_by_duration_limit,
         interrupted: f.interrupted,
         elapsed_s: secs,
+        setup_s: f.setup.as_secs_f64(),
+        wind_down_s: f.wind_down.as_secs_f64(),
         messages_per_s: t.accepted as f64 / secs,
         attempted_per_s: t.attempted as f64 / secs,
         mb_per_s: t.bytes_accepted as f64 / 1e6 / secs,
@@ -367,8 +376,15 @@ pub fn render_text(r: &SendReport) -> String {
     );
     let _ = writeln!(
         s,
-        "  throughput: {:.0} msg/s accepted ({:.0} offered), {:.1} MB/s, {:.2} s, mean size {} B",
-        r.messages_per_s, r.attempted_per_s, r.mb_per_s, r.elapsed_s, r.message_size
+        "  throughput: {:.0} msg/s accepted ({:.0} offered), {:.1} MB/s, {:.2} s \
+         (+{:.2} s setup, +{:.2} s wind-down), mean size {} B",
+        r.messages_per_s,
+        r.attempted_per_s,
+        r.mb_per_s,
+        r.elapsed_s,
+        r.setup_s,
+        r.wind_down_s,
+        r.message_size
     );
     let lat = |name: &str, l: &LatencyMs, s: &mut String| {
         let _ = writeln!(

@@ -85,6 +85,27 @@ impl Schedule {
         self.stopped.load(Ordering::Relaxed)
     }
 
+    /// Whether nothing is left to hand out (a connection need not reconnect for it).
+    pub fn is_exhausted(&self, now: Instant) -> bool {
+        if self.is_stopped() {
+            return true;
+        }
+        let Some(start) = self.started() else {
+            return false;
+        };
+        let cur = self.next.load(Ordering::Relaxed);
+        if self.total.is_some_and(|t| cur >= t) {
+            return true;
+        }
+        let Some(end) = self.duration.map(|d| start + d) else {
+            return false;
+        };
+        match self.interval_ns {
+            Some(iv) => Self::due(start, cur, iv) >= end,
+            None => now >= end,
+        }
+    }
+
     /// Takes the next message if one is due at `now`.
     pub fn claim(&self, now: Instant) -> Next {
         if self.is_stopped() {
@@ -181,6 +202,24 @@ mod tests {
         }
         assert_eq!(n, 10);
         assert_eq!(s.claim(after), Next::Done);
+    }
+
+    #[test]
+    fn exhaustion() {
+        let t0 = Instant::now();
+        let s = Schedule::new(Some(1), None, None);
+        assert!(!s.is_exhausted(t0), "not started");
+        s.begin(t0);
+        assert!(!s.is_exhausted(t0));
+        assert!(matches!(s.claim(t0), Next::Go(_)));
+        assert!(s.is_exhausted(t0));
+        let s = Schedule::new(None, Some(Duration::from_secs(1)), Some(2.0));
+        s.begin(t0);
+        for _ in 0..2 {
+            assert!(!s.is_exhausted(t0));
+            while !matches!(s.claim(t0 + Duration::from_secs(3)), Next::Go(_)) {}
+        }
+        assert!(s.is_exhausted(t0));
     }
 
     #[test]

@@ -339,7 +339,7 @@ fn worker(
                 continue;
             };
             if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
-                c.on_readable(&mut ctx, &mut buf);
+                c.on_readable(&mut ctx, &mut buf, ev.is_read_closed() || ev.is_error());
                 if c.held_due().is_some() {
                     timers.push(Reverse((c.held_due().unwrap_or(now), idx)));
                 }
