@@ -43,8 +43,14 @@ pub fn render(
     limit: usize,
     snapshot: Option<&QueueSnapshot>,
 ) -> Result<String, String> {
-    let count = spool.count().map_err(|e| e.to_string())?;
     let list = spool.list(limit).map_err(|e| e.to_string())?;
+    // Under delivery the spool changes between two scans: when the listing
+    // is complete, its length is the count, so the two always agree.
+    let count = if list.len() < limit {
+        list.len() as u64
+    } else {
+        spool.count().map_err(|e| e.to_string())?
+    };
     let mut out = format!("count {count}\n");
     for env in list {
         let sender = if env.sender.is_empty() {
