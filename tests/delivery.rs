@@ -724,3 +724,40 @@ fn sigterm_lets_the_transaction_in_flight_finish_then_quits() {
     let stats = sink.stats_when(|s| s["connections_current"] == 0);
     assert_eq!(stats["connection_errors"], 0, "closed with QUIT: {stats}");
 }
+
+#[test]
+fn partitions_of_removed_shards_are_adopted_and_delivered() {
+    let dir = tempdir();
+    let sink = Sink::start(dir.path(), "mx", &["127.0.0.2:0"], &[]);
+    let routes = [("d.test", sink.addr().to_string())];
+    // Two shards, delivery held: mail piles up in both partitions (the
+    // kernel spreads connections over the shards' listeners).
+    let held = cfg(
+        dir.path(),
+        None,
+        &delivery(&[("enabled", "false")]),
+        &routes,
+    );
+    let mut server = Server::start(dir.path(), &held);
+    let ids: Vec<String> = (0..16)
+        .map(|n| send(&server, "s@src.test", &["u@d.test"], &format!("m{n}@adopt")))
+        .collect();
+    let on_shard_1 = ids
+        .iter()
+        .filter(|id| id.parse::<sluice::spool::SpoolId>().unwrap().shard() == 1)
+        .count();
+    assert!(on_shard_1 > 0, "no message landed on shard 1: rerun");
+    server.signal("TERM");
+    assert!(server.wait().success());
+
+    // One shard now: partition 1 has no shard of its own; shard 0 adopts it.
+    let one = cfg(dir.path(), None, &delivery(&[]), &routes).replace("shards = 2", "shards = 1");
+    let server = Server::start(dir.path(), &one);
+    assert_eq!(sink.wait_received(ids.len()).len(), ids.len());
+    wait_spool_empty(&server);
+    assert!(
+        server.log_text().contains("adopted orphan spool partition"),
+        "{}",
+        server.log_text()
+    );
+}
