@@ -704,7 +704,12 @@ impl SegmentAccountant {
 
         // we want to avoid aggressive truncation because it can cause
         // blocking if we allocate a segment that was just truncated.
-        let laziness_factor = 1;
+        // Sluice patch (see vendor/README.md): keep up to 64 free segments
+        // (32 MiB with 512 KiB segments) before shrinking the file. Under
+        // steady insert+remove churn the tail is reused soon after it is
+        // freed, and each truncation is a set_len + sync_all that writers
+        // needing a new segment wait for (seconds on a busy disk).
+        let laziness_factor = 64;
 
         // truncate if possible
         while self.tip != 0 && self.free.len() > laziness_factor {
