@@ -180,6 +180,8 @@ pub fn serve(config: Config, options: ServeOptions) -> Result<(), StartupError> 
     };
 
     let stop = Arc::new(AtomicBool::new(false));
+    // Shards still finishing their sessions after a stop; see `shard::run`.
+    let draining = Arc::new(std::sync::atomic::AtomicUsize::new(shards));
     let signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,
@@ -208,6 +210,7 @@ pub fn serve(config: Config, options: ServeOptions) -> Result<(), StartupError> 
             not_before,
             limiter: Arc::clone(&limiter),
             stop: Arc::clone(&stop),
+            draining: Arc::clone(&draining),
             ready: tx,
         };
         let placement = if shards <= cores {
@@ -249,6 +252,8 @@ pub fn serve(config: Config, options: ServeOptions) -> Result<(), StartupError> 
     drop(probes);
     if let Err(e) = startup {
         stop.store(true, Ordering::Release);
+        // Some shards never ran; nobody waits for the others to drain.
+        draining.store(0, Ordering::Release);
         let mut detail = None;
         for h in handles {
             if let Err(join_err) = h.join() {
