@@ -593,3 +593,92 @@ fn sigterm_new_connection_refused_while_transaction_finishes() {
     queued_id(&c.reply());
     assert!(server.wait().success());
 }
+
+#[test]
+fn nofile_soft_limit_raised_to_hard_limit() {
+    // Needs util-linux prlimit; skipped (passes) where it is missing.
+    if Command::new("prlimit").arg("--version").output().is_err() {
+        eprintln!("prlimit not available; skipping");
+        return;
+    }
+    let dir = tempdir();
+    let cfg_path = dir.path().join("sluice.toml");
+    std::fs::write(&cfg_path, config(dir.path(), "", "")).unwrap();
+    let ready = dir.path().join("ready");
+    let child = Command::new("prlimit")
+        .arg("--nofile=1024:4096")
+        .arg(BIN)
+        .args(["serve", "--config"])
+        .arg(&cfg_path)
+        .arg("--ready-file")
+        .arg(&ready)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // prlimit execs the server, so the child's pid is the server's.
+    let mut server = Server {
+        child,
+        smtp: "0.0.0.0:0".parse().unwrap(),
+        metrics: "0.0.0.0:0".parse().unwrap(),
+        dir: dir.path().to_owned(),
+        log: dir.path().join("no-log"),
+    };
+    poll("ready file", || ready.exists().then_some(()));
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", server.child.id())).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(&fields[3..5], ["4096", "4096"], "{line}");
+    server.signal("TERM");
+    assert!(server.wait().success());
+}
+
+/// Peak resident memory of a process, in KiB (VmHWM).
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn ten_mib_line_without_crlf_does_not_grow_memory() {
+    let dir = tempdir();
+    let server = Server::start(dir.path(), &config(dir.path(), "", ""));
+    let pid = server.child.id();
+    // Warm up: one ordinary transaction, so lazily allocated state exists.
+    let mut c = server.client();
+    c.hello();
+    queued_id(&c.send_mail("a@example.test", &["b@example.test"], "x\r\n"));
+    let before = peak_rss_kib(pid);
+    let chunk = vec![b'a'; 64 * 1024];
+    let send_10_mib = |c: &mut Client| {
+        for _ in 0..160 {
+            std::io::Write::write_all(&mut c.stream, &chunk).unwrap();
+        }
+    };
+    // As a command line: answered once its CRLF finally comes.
+    send_10_mib(&mut c);
+    c.send("\r\n");
+    let r = c.reply();
+    assert!(r.starts_with("500 5.5.2"), "{r}");
+    // As a body line: rejected after the final dot, nothing stored.
+    assert!(c.cmd("MAIL FROM:<a@example.test>").starts_with("250"));
+    assert!(c.cmd("RCPT TO:<b@example.test>").starts_with("250"));
+    assert!(c.cmd("DATA").starts_with("354"));
+    send_10_mib(&mut c);
+    c.send("\r\n.\r\n");
+    let r = c.reply();
+    assert!(r.starts_with("550 5.6.0"), "{r}");
+    assert!(c.cmd("NOOP").starts_with("250"));
+    let grown = peak_rss_kib(pid).saturating_sub(before);
+    assert!(
+        grown < 4 * 1024,
+        "peak RSS grew by {grown} KiB for 2 x 10 MiB of line"
+    );
+    assert_eq!(server.queue().len(), 1);
+}

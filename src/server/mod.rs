@@ -5,6 +5,7 @@
 //! panics on bad input from the operator.
 
 mod api;
+mod buffers;
 pub mod date;
 pub mod limits;
 pub mod queue;
@@ -55,12 +56,25 @@ pub fn shard_for(domain: &str, shards: usize) -> usize {
 }
 
 /// Locked-memory limit of this process in octets (`None` = unlimited or
-/// unknown), read from `/proc/self/limits` so no unsafe `getrlimit` is needed.
+/// unknown).
 fn memlock_limit() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/self/limits").ok()?;
-    let line = text.lines().find(|l| l.starts_with("Max locked memory"))?;
-    let soft = line.split_whitespace().nth(3)?;
-    soft.parse().ok()
+    let (soft, _) = rlimit::Resource::MEMLOCK.get().ok()?;
+    (soft != rlimit::INFINITY).then_some(soft)
+}
+
+/// File descriptors beyond the SMTP connections: spool files, io_uring rings
+/// and eventfds per shard, the admin endpoint, its clients.
+const FD_HEADROOM: u64 = 256;
+
+/// Every connection is a file descriptor, and the usual soft limit (1024)
+/// is far below `max_connections`: raise the soft RLIMIT_NOFILE to the hard
+/// limit (allowed without privileges). Returns the soft limit in force.
+fn raise_nofile_limit() -> Option<u64> {
+    let (soft, hard) = rlimit::Resource::NOFILE.get().ok()?;
+    if soft < hard && rlimit::Resource::NOFILE.set(hard, hard).is_ok() {
+        return Some(hard);
+    }
+    Some(soft)
 }
 
 /// glommio refuses to start a reactor below this limit.
@@ -128,6 +142,21 @@ pub fn serve(config: Config, options: ServeOptions) -> Result<(), StartupError> 
                 wanted_kib = wanted / 1024,
                 "RLIMIT_MEMLOCK below shards * server.io_memory: io_uring buffers will not be registered"
             );
+        }
+    }
+
+    if let Some(nofile) = raise_nofile_limit() {
+        let wanted = config.server.max_connections as u64 + FD_HEADROOM;
+        if nofile < wanted {
+            tracing::warn!(
+                nofile,
+                wanted,
+                "RLIMIT_NOFILE (hard limit) is below server.max_connections plus headroom: \
+                 accepts will fail with EMFILE before max_connections is reached \
+                 (raise it: ulimit -Hn, systemd LimitNOFILE=)"
+            );
+        } else {
+            tracing::debug!(nofile, "file descriptor limit");
         }
     }
 

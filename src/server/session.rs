@@ -10,20 +10,24 @@ use std::rc::Rc;
 use std::time::{Instant, SystemTime};
 
 use futures_lite::future;
-use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use futures_lite::AsyncWriteExt;
 use glommio::net::TcpStream;
 
 use super::api::{
     BodyType, Envelope, Event, ForwardPath, IncomingMessage, MailFrom, PeerInfo, RcptTo, Recipient,
     RecipientState, Ret, ReversePath, Session, SpoolId, Stage,
 };
+use super::buffers::{read_pooled, Loan};
 use super::date;
 use super::shard::ShardCtx;
 use crate::smtp::{EnhancedCode, Reply};
 
+/// The reply buffer keeps at most this capacity between writes.
+const OUT_KEEP: usize = 16 * 1024;
+
 /// What woke the driver while it waited for input.
-enum Wake {
-    Read(std::io::Result<usize>),
+enum Wake<'a> {
+    Read(std::io::Result<(Loan<'a>, usize)>),
     Timer,
     Shutdown,
 }
@@ -43,10 +47,9 @@ pub(crate) async fn drive(mut stream: TcpStream, peer: SocketAddr, ctx: Rc<Shard
         },
         started,
     );
-    // Memory per session is this buffer plus the session's own line buffer,
-    // whatever the client sends.
-    let mut buf = vec![0u8; ctx.read_buffer_size];
-    let mut out = Vec::with_capacity(1024);
+    // No read buffer of our own: one is lent by the shard's pool while input
+    // is processed (see `buffers`), so an idle session costs little.
+    let mut out = Vec::new();
     let mut shutdown_seen = false;
     let mut eof = false;
 
@@ -64,6 +67,10 @@ pub(crate) async fn drive(mut stream: TcpStream, peer: SocketAddr, ctx: Rc<Shard
                 break;
             }
             out.clear();
+            if out.capacity() > OUT_KEEP {
+                // A long pipelined batch grew it; do not keep that per session.
+                out = Vec::new();
+            }
         }
         if session.is_closed() || eof {
             break;
@@ -81,7 +88,7 @@ pub(crate) async fn drive(mut stream: TcpStream, peer: SocketAddr, ctx: Rc<Shard
         }
         let wake_at = session.poll_timeout().map_or(deadline, |t| t.min(deadline));
         let wake = {
-            let read = async { Wake::Read(stream.read(&mut buf).await) };
+            let read = async { Wake::Read(read_pooled(&mut stream, &ctx.buffers).await) };
             let timer = async {
                 glommio::timer::sleep(wake_at.saturating_duration_since(Instant::now())).await;
                 Wake::Timer
@@ -100,16 +107,16 @@ pub(crate) async fn drive(mut stream: TcpStream, peer: SocketAddr, ctx: Rc<Shard
             future::or(read, future::or(timer, stop)).await
         };
         match &wake {
-            Wake::Read(r) => tracing::trace!(read = ?r, "woke: read"),
+            Wake::Read(r) => tracing::trace!(read = ?r.as_ref().map(|(_, n)| *n), "woke: read"),
             Wake::Timer => tracing::trace!("woke: timer"),
             Wake::Shutdown => tracing::trace!("woke: shutdown"),
         }
         match wake {
-            Wake::Read(Ok(0)) | Wake::Read(Err(_)) => {
+            Wake::Read(Ok((_, 0))) | Wake::Read(Err(_)) => {
                 session.handle_eof(Instant::now());
                 eof = true;
             }
-            Wake::Read(Ok(n)) => {
+            Wake::Read(Ok((buf, n))) => {
                 ctx.metrics.bytes_received.increment(n as u64);
                 feed(&mut session, &mut stream, &mut out, &ctx, peer, &buf[..n]).await;
             }

@@ -44,7 +44,8 @@ pub(crate) struct ShardCtx {
     pub partition: Partition,
     pub ids: RefCell<SpoolIdGenerator>,
     pub metrics: ShardMetrics,
-    pub read_buffer_size: usize,
+    /// Read buffers, lent to sessions only while they process input.
+    pub buffers: super::buffers::BufferPool,
     pub session_timeout: Duration,
     /// Closed (never signalled) at shutdown: every waiter wakes with an error.
     pub shutdown: Semaphore,
@@ -105,7 +106,7 @@ pub(crate) async fn run(spec: ShardSpec) {
         partition,
         ids: RefCell::new(SpoolIdGenerator::new(index as u8, not_before)),
         metrics: ShardMetrics::new(index),
-        read_buffer_size: config.server.read_buffer_size,
+        buffers: super::buffers::BufferPool::new(config.server.read_buffer_size),
         session_timeout: config.server.session_timeout(),
         shutdown: Semaphore::new(0),
         shutting_down: Cell::new(false),
