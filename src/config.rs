@@ -209,12 +209,30 @@ impl RelayConfig {
 pub struct SpoolConfig {
     /// Directory of the sled database.
     pub path: PathBuf,
+    /// Octets that must stay free on the spool's file system; below that new
+    /// messages get `452 4.3.1`. 0 disables the check.
+    pub min_free_space: u64,
+    /// Seconds a spool flush may take before its messages get `452 4.3.1`
+    /// and new ones are refused until it completes.
+    pub flush_timeout: u64,
 }
 
 impl Default for SpoolConfig {
     fn default() -> Self {
         SpoolConfig {
             path: PathBuf::from("./sluice-spool"),
+            min_free_space: 256 * 1024 * 1024,
+            flush_timeout: 10,
+        }
+    }
+}
+
+impl SpoolConfig {
+    /// The spool's runtime options.
+    pub fn options(&self) -> crate::spool::SpoolOptions {
+        crate::spool::SpoolOptions {
+            min_free_space: self.min_free_space,
+            flush_timeout: Duration::from_secs(self.flush_timeout),
         }
     }
 }
@@ -333,6 +351,9 @@ impl Config {
         }
         if self.spool.path.as_os_str().is_empty() {
             return bad("spool.path must not be empty");
+        }
+        if self.spool.flush_timeout == 0 {
+            return bad("spool.flush_timeout must be positive");
         }
         for r in &self.routes {
             if r.domain.is_empty() || r.hosts.is_empty() {

@@ -171,7 +171,7 @@ pub fn serve(config: Config, options: ServeOptions) -> Result<(), StartupError> 
     }
 
     let spool_path = &config.spool.path;
-    let spool = Spool::open(spool_path).map_err(|e| {
+    let spool = Spool::open_with(spool_path, config.spool.options()).map_err(|e| {
         StartupError(format!(
             "cannot open spool at {}: {e}",
             spool_path.display()

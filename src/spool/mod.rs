@@ -23,19 +23,23 @@
 
 mod envelope;
 mod group_commit;
+mod health;
 mod id;
 #[cfg(test)]
 mod tests;
 
 pub use envelope::{Envelope, Recipient, RecipientState};
+pub use health::{SpoolOptions, WriteState};
 pub use id::{ParseSpoolIdError, SpoolId, SpoolIdGenerator, ID_EPOCH_UNIX_MS, ID_TEXT_LEN};
 
 use std::cell::Cell;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Instant;
 
 use group_commit::GroupCommit;
+use health::{Health, SpaceCheck};
 
 use crate::smtp::reply::{EnhancedCode, Reply};
 
@@ -94,13 +98,29 @@ pub enum SpoolError {
     /// `update` of a message that is not in the spool.
     #[error("message {0} is not in the spool")]
     NotFound(SpoolId),
+    /// Writing the message would leave less than `spool.min_free_space` on
+    /// the spool's file system (nothing was written).
+    #[error("spool file system has {free} octets free, {needed} needed with the reserve")]
+    InsufficientSpace {
+        /// Free octets seen.
+        free: u64,
+        /// Octets needed: the message plus the reserve.
+        needed: u64,
+    },
+    /// Writes are refused: a flush stalled or failed (see [`WriteState`]).
+    #[error("spool is not writable ({})", .0.as_str())]
+    Unavailable(WriteState),
 }
 
 impl SpoolError {
     /// The SMTP reply to send instead of accepting the message.
     pub fn reply(&self) -> Reply {
         match self {
-            Self::Locked { .. } | Self::NotWritable { .. } | Self::Storage(_) => Reply::new(
+            Self::Locked { .. }
+            | Self::NotWritable { .. }
+            | Self::Storage(_)
+            | Self::InsufficientSpace { .. }
+            | Self::Unavailable(_) => Reply::new(
                 452,
                 EnhancedCode::new(4, 3, 1),
                 "Insufficient system storage, try again later",
@@ -143,6 +163,7 @@ impl SpoolError {
 pub struct Spool {
     db: sled::Db,
     path: PathBuf,
+    health: Arc<Health>,
 }
 
 impl std::fmt::Debug for Spool {
@@ -152,8 +173,14 @@ impl std::fmt::Debug for Spool {
 }
 
 impl Spool {
-    /// Opens (creating if needed) the spool directory.
+    /// Opens (creating if needed) the spool directory with default
+    /// [`SpoolOptions`] (no free-space reserve).
     pub fn open(path: &Path) -> Result<Spool, SpoolError> {
+        Self::open_with(path, SpoolOptions::default())
+    }
+
+    /// Opens (creating if needed) the spool directory.
+    pub fn open_with(path: &Path, options: SpoolOptions) -> Result<Spool, SpoolError> {
         std::fs::create_dir_all(path).map_err(|source| SpoolError::NotWritable {
             path: path.to_path_buf(),
             source,
@@ -166,7 +193,13 @@ impl Spool {
         Ok(Spool {
             db,
             path: path.to_path_buf(),
+            health: Arc::new(Health::new(path.to_path_buf(), options)),
         })
+    }
+
+    /// Whether writes are accepted (process-wide).
+    pub fn write_state(&self) -> WriteState {
+        self.health.state()
     }
 
     /// The spool directory.
@@ -185,6 +218,8 @@ impl Spool {
         }
         let label = shard.to_string();
         metrics::gauge!("sluice_spool_messages", "shard" => label.clone()).set(len as f64);
+        // Again here: `open` may run before the metrics recorder exists.
+        self.health.publish(self.health.state());
         Ok(Partition {
             inner: Rc::new(PartitionInner {
                 tree,
@@ -192,6 +227,8 @@ impl Spool {
                 gc: GroupCommit::new(shard),
                 len: Cell::new(len),
                 label,
+                health: Arc::clone(&self.health),
+                space: SpaceCheck::default(),
             }),
         })
     }
@@ -261,10 +298,54 @@ impl Spool {
         Ok(max)
     }
 
-    /// Blocking flush for shutdown / CLI only: never call on a shard.
+    /// Blocking flush for shutdown / CLI only: never call on a shard. Refused
+    /// when a flush stalled or failed (sled would hang).
     pub fn flush_blocking(&self) -> Result<(), SpoolError> {
+        match self.health.state() {
+            WriteState::Ok => {}
+            other => return Err(SpoolError::Unavailable(other)),
+        }
         self.db.flush()?;
         Ok(())
+    }
+}
+
+/// One sled flush under the watchdog of [`health`]: a failure marks the
+/// spool failed; a flush past `flush_timeout` answers its writers with an
+/// error at once, marks the spool stalled, and is left to finish in the
+/// background (clearing the stall if it succeeds).
+async fn watched_flush<F>(flush: F, health: Arc<Health>) -> Result<usize, sled::Error>
+where
+    F: std::future::Future<Output = Result<usize, sled::Error>> + 'static,
+{
+    use futures_lite::future;
+    let mut flush = Box::pin(flush);
+    let timeout = health.options.flush_timeout;
+    let finished = future::or(async { Some((&mut flush).await) }, async {
+        glommio::timer::sleep(timeout).await;
+        None
+    })
+    .await;
+    match finished {
+        Some(Ok(n)) => Ok(n),
+        Some(Err(e)) => {
+            health.fail(&e);
+            Err(e)
+        }
+        None => {
+            health.stall();
+            glommio::spawn_local(async move {
+                match flush.await {
+                    Ok(_) => health.unstall(),
+                    Err(e) => health.fail(&e),
+                }
+            })
+            .detach();
+            Err(sled::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("spool flush did not finish within {timeout:?}"),
+            )))
+        }
     }
 }
 
@@ -274,6 +355,8 @@ struct PartitionInner {
     gc: GroupCommit,
     len: Cell<usize>,
     label: String,
+    health: Arc<Health>,
+    space: SpaceCheck,
 }
 
 /// One shard's partition. Used from one glommio executor (`!Send`); clone it
@@ -305,13 +388,38 @@ impl Partition {
             .set(len as f64);
     }
 
+    /// sled's I/O errors are sticky (its "global error"): every later write
+    /// fails or hangs, so the spool is marked failed.
+    fn write_error(&self, e: sled::Error) -> SpoolError {
+        if matches!(e, sled::Error::Io(_)) {
+            self.inner.health.fail(&e);
+        }
+        SpoolError::Storage(e)
+    }
+
+    /// Refuses at once when the spool is not writable: sled would hang.
+    fn check_writable(&self) -> Result<(), SpoolError> {
+        match self.inner.health.state() {
+            WriteState::Ok => Ok(()),
+            other => {
+                metrics::counter!("sluice_spool_refused_total", "reason" => other.as_str())
+                    .increment(1);
+                Err(SpoolError::Unavailable(other))
+            }
+        }
+    }
+
     async fn commit(&self) -> Result<(), SpoolError> {
+        self.check_writable()?;
         let tree = &self.inner.tree;
+        let health = &self.inner.health;
         self.inner
             .gc
             .commit(|| {
                 let tree = tree.clone();
-                async move { tree.flush_async().await }
+                let health = Arc::clone(health);
+                // The future owns the tree handle, so it can outlive us.
+                watched_flush(async move { tree.flush_async().await }, health)
             })
             .await?;
         Ok(())
@@ -319,16 +427,33 @@ impl Partition {
 
     /// Stores envelope and body atomically, then waits for a group-committed
     /// flush. `Ok` means the message is on disk and `250` may be sent.
+    ///
+    /// Refused with nothing written when the spool is not writable or the
+    /// file system would keep less than `min_free_space` (see [`health`]).
     pub async fn store(&self, envelope: &Envelope, body: &[u8]) -> Result<(), SpoolError> {
         let started = Instant::now();
         let id = envelope.id;
+        self.check_writable()?;
+        let record = envelope.encode();
+        let needed = (record.len() + body.len()) as u64;
+        if let Err(free) = self.inner.space.check(&self.inner.health, needed) {
+            metrics::counter!("sluice_spool_refused_total", "reason" => "low_space").increment(1);
+            let needed = needed.saturating_add(self.inner.health.options.min_free_space);
+            tracing::warn!(
+                shard = self.inner.shard,
+                free,
+                needed,
+                "spool file system below the reserve; refusing with 452 4.3.1"
+            );
+            return Err(SpoolError::InsufficientSpace { free, needed });
+        }
         let tree = &self.inner.tree;
         let ekey = key(ENVELOPE_PREFIX, id);
         let existed = tree.contains_key(ekey)?;
         let mut batch = sled::Batch::default();
-        batch.insert(&ekey[..], envelope.encode());
+        batch.insert(&ekey[..], record);
         batch.insert(&key(BODY_PREFIX, id)[..], body);
-        tree.apply_batch(batch)?;
+        tree.apply_batch(batch).map_err(|e| self.write_error(e))?;
         if !existed {
             self.set_len(self.inner.len.get() + 1);
         }
@@ -389,7 +514,8 @@ impl Partition {
         if !tree.contains_key(ekey)? {
             return Err(SpoolError::NotFound(envelope.id));
         }
-        tree.insert(ekey, envelope.encode())?;
+        tree.insert(ekey, envelope.encode())
+            .map_err(|e| self.write_error(e))?;
         self.commit().await?;
         tracing::debug!(shard = self.inner.shard, id = %envelope.id, "spool updated");
         Ok(())
@@ -403,7 +529,7 @@ impl Partition {
         let mut batch = sled::Batch::default();
         batch.remove(&ekey[..]);
         batch.remove(&key(BODY_PREFIX, id)[..]);
-        tree.apply_batch(batch)?;
+        tree.apply_batch(batch).map_err(|e| self.write_error(e))?;
         if existed {
             self.set_len(self.inner.len.get().saturating_sub(1));
         }
