@@ -187,3 +187,34 @@ fn sled_out_of_space_answers_452_promptly_and_loses_nothing() {
     c.hello();
     queued_id(&try_mail(&mut c, "Subject: after\r\n\r\nok\r\n"));
 }
+
+#[test]
+fn startup_error_spool_on_read_only_file_system() {
+    let dir = tempdir();
+    let mnt = dir.path().join("ro");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "ro,size=1m", "tmpfs"])
+        .arg(&mnt)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("cannot mount a tmpfs here (not root?); skipping");
+        return;
+    }
+    let _fs = Tmpfs { path: mnt.clone() };
+    let cfg = spool_config(dir.path(), &mnt.join("spool"), "");
+    match Server::try_start(dir.path(), &cfg) {
+        Ok(_) => panic!("started on a read-only spool"),
+        Err((status, log)) => {
+            assert_eq!(status.code(), Some(1), "{log}");
+            let last = log.lines().last().unwrap_or("");
+            assert!(
+                last.starts_with("sluice: error: cannot open spool")
+                    && last.contains("not writable"),
+                "{log}"
+            );
+        }
+    }
+}

@@ -335,6 +335,18 @@ fn sigterm_mid_transaction_completes_then_exits_zero() {
 }
 
 #[test]
+fn sigint_stops_like_sigterm() {
+    let dir = tempdir();
+    let mut server = Server::start(dir.path(), &config(dir.path(), "", ""));
+    let mut idle = server.client();
+    idle.hello();
+    server.signal("INT");
+    assert!(idle.reply().starts_with("421 4.3.2"));
+    let status = server.wait();
+    assert!(status.success(), "{status:?}: {}", server.log_text());
+}
+
+#[test]
 fn metrics_endpoint_scrape() {
     let dir = tempdir();
     let server = Server::start(dir.path(), &config(dir.path(), "", ""));

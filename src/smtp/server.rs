@@ -182,8 +182,24 @@ impl IncomingMessage {
             .filter(|c| c.is_ascii_graphic())
             .take(255)
             .collect();
+        // RFC 5321 4.4: the From-domain must be a Domain or an address
+        // literal. Anything else (`a(b`, `x;y`) would open a comment or end
+        // the header's tokens early; it goes into an escaped comment instead.
+        let helo_is_host = crate::smtp::address::Address::parse(&format!("x@{helo}")).is_ok();
+        let from = if helo_is_host {
+            format!("{helo} ([{ip}])")
+        } else {
+            let escaped: String = helo
+                .chars()
+                .flat_map(|c| {
+                    let esc = matches!(c, '(' | ')' | '\\').then_some('\\');
+                    esc.into_iter().chain(std::iter::once(c))
+                })
+                .collect();
+            format!("[{ip}] ([{ip}] helo={escaped})")
+        };
         let mut h = format!(
-            "Received: from {helo} ([{ip}])\r\n\tby {by_host} (Sluice) with {} id {queue_id}",
+            "Received: from {from}\r\n\tby {by_host} (Sluice) with {} id {queue_id}",
             self.protocol
         );
         // Name the recipient only when there is one, as Postfix does: with

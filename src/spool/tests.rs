@@ -628,7 +628,10 @@ fn unwritable_spool_refuses_stores_without_writing() {
         spool.health.stall();
         let id = SpoolIdGenerator::new(0, None).next(ms(1));
         let e = p.store(&envelope(id, 3), b"abc").await.unwrap_err();
-        assert!(matches!(e, SpoolError::Unavailable(WriteState::Stalled)), "{e}");
+        assert!(
+            matches!(e, SpoolError::Unavailable(WriteState::Stalled)),
+            "{e}"
+        );
         assert_eq!(e.reply().code(), 452);
         assert!(p.load(id).unwrap().is_none(), "nothing written");
         assert!(spool.flush_blocking().is_err(), "no blocking flush either");
