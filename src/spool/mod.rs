@@ -5,11 +5,13 @@
 //! rebuilt from [`Partition::envelopes`] at start-up.
 //!
 //! Storage: one sled [`sled::Db`] per process (sled holds a file lock), one
-//! tree `shard-N` per glommio shard. Inside a tree each message is two keys,
+//! tree `shard-N` per glommio shard. Inside a tree a message is these keys,
 //! written atomically by one `Batch`:
 //!
 //! * `b'E' ++ id (8 bytes BE)` -> [`Envelope`] record (format byte + JSON)
-//! * `b'B' ++ id (8 bytes BE)` -> body bytes
+//! * `b'B' ++ id (8 bytes BE)` -> the first 64 KiB of the body
+//! * `b'C' ++ id ++ n (u32 BE)` -> the rest of the body in 64 KiB pieces
+//!   (see [`BODY_CHUNK`] for why)
 //!
 //! The prefixes keep all envelopes contiguous, so enumerating for the queue
 //! rebuild, counting and `max_id` never read a body. See `docs/spool.md` for
@@ -17,7 +19,8 @@
 //!
 //! Durability: `insert` in sled is only in memory until a flush, so every
 //! mutating call awaits a group-committed `flush_async` (see
-//! [`group_commit`]) before resolving `Ok`. A failed flush surfaces as
+//! [`group_commit`]) followed by an `fdatasync` of sled's log (sled's own
+//! flush stops at `sync_file_range`) before resolving `Ok`. A failed flush surfaces as
 //! [`SpoolError`], whose [`SpoolError::reply`] is the transient `452 4.3.1`
 //! to send instead of `250`.
 
@@ -45,13 +48,53 @@ use crate::smtp::reply::{EnhancedCode, Reply};
 
 const ENVELOPE_PREFIX: u8 = b'E';
 const BODY_PREFIX: u8 = b'B';
+/// Body bytes past the first [`BODY_CHUNK`]: `b'C' ++ id ++ chunk (u32 BE)`.
+const CHUNK_PREFIX: u8 = b'C';
+/// Bodies are stored in pieces of at most this size. sled 0.34 writes a
+/// value larger than about a quarter of its 512 KiB segment to a separate
+/// `blobs/` file that it never fsyncs (not even with `flush`); pieces this
+/// small always stay in its log, which `Partition::commit` makes durable.
+const BODY_CHUNK: usize = 64 * 1024;
+/// sled's segment (and log buffer) size. sled writes any log item over a
+/// quarter of a segment - a whole tree node when it consolidates one - to a
+/// `blobs/` file it never fsyncs. A leaf holds at most 17 entries, so with
+/// 64 KiB body pieces (and envelopes far below 100 KiB) a node stays under
+/// 2 MiB and everything lives in the log. sled's default is 512 KiB.
+const SEGMENT_SIZE: usize = 8 << 20;
 const TREE_PREFIX: &str = "shard-";
+/// sled 0.34's log (all inline data) inside the spool directory.
+const SLED_LOG_FILE: &str = "db";
 
 fn key(prefix: u8, id: SpoolId) -> [u8; 9] {
     let mut k = [0u8; 9];
     k[0] = prefix;
     k[1..].copy_from_slice(&id.to_be_bytes());
     k
+}
+
+fn chunk_key(id: SpoolId, index: u32) -> [u8; 13] {
+    let mut k = [0u8; 13];
+    k[0] = CHUNK_PREFIX;
+    k[1..9].copy_from_slice(&id.to_be_bytes());
+    k[9..].copy_from_slice(&index.to_be_bytes());
+    k
+}
+
+fn chunk_prefix(id: SpoolId) -> [u8; 9] {
+    key(CHUNK_PREFIX, id)
+}
+
+/// Puts `body` into `batch` as the `B` record plus `C` chunks; returns how
+/// many chunks.
+fn insert_body(batch: &mut sled::Batch, id: SpoolId, body: &[u8]) -> u32 {
+    let (first, rest) = body.split_at(body.len().min(BODY_CHUNK));
+    batch.insert(&key(BODY_PREFIX, id)[..], first);
+    let mut chunks = 0u32;
+    for piece in rest.chunks(BODY_CHUNK) {
+        batch.insert(&chunk_key(id, chunks)[..], piece);
+        chunks += 1;
+    }
+    chunks
 }
 
 fn id_from_key(k: &[u8]) -> Result<SpoolId, SpoolError> {
@@ -185,11 +228,31 @@ impl Spool {
             path: path.to_path_buf(),
             source,
         })?;
+        let segment_size = match stored_segment_size(path) {
+            Some(old) if old != SEGMENT_SIZE => {
+                tracing::warn!(
+                    path = %path.display(),
+                    segment_size = old,
+                    "spool created by an older sluice with small sled segments: messages \
+                     over about 100 KiB are not safe from power loss in it; drain it and \
+                     start on a fresh spool directory"
+                );
+                old
+            }
+            _ => SEGMENT_SIZE,
+        };
         let db = sled::Config::new()
             .path(path)
+            .segment_size(segment_size)
             .open()
             .map_err(|e| SpoolError::from_open(path, e))?;
         tracing::debug!(path = %path.display(), recovered = db.was_recovered(), "spool opened");
+        // The directory entries of the spool (and of sled's files in it) must
+        // survive power loss too; sled does not sync directories.
+        sync_dir(path).map_err(|source| SpoolError::NotWritable {
+            path: path.to_path_buf(),
+            source,
+        })?;
         Ok(Spool {
             db,
             path: path.to_path_buf(),
@@ -229,6 +292,7 @@ impl Spool {
                 label,
                 health: Arc::clone(&self.health),
                 space: SpaceCheck::default(),
+                log_file: Default::default(),
             }),
         })
     }
@@ -310,6 +374,24 @@ impl Spool {
     }
 }
 
+/// The segment size an existing sled database was created with (sled refuses
+/// to open it with another), from its `conf` file.
+fn stored_segment_size(path: &Path) -> Option<usize> {
+    let conf = std::fs::read_to_string(path.join("conf")).ok()?;
+    conf.lines()
+        .find_map(|l| l.strip_prefix("segment_size:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// fsyncs a directory and its parent, so entries created in it are durable.
+fn sync_dir(path: &Path) -> std::io::Result<()> {
+    std::fs::File::open(path)?.sync_all()?;
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::File::open(parent)?.sync_all()?;
+    }
+    Ok(())
+}
+
 /// One sled flush under the watchdog of [`health`]: a failure marks the
 /// spool failed; a flush past `flush_timeout` answers its writers with an
 /// error at once, marks the spool stalled, and is left to finish in the
@@ -357,6 +439,7 @@ struct PartitionInner {
     label: String,
     health: Arc<Health>,
     space: SpaceCheck,
+    log_file: std::cell::RefCell<Option<Rc<glommio::io::BufferedFile>>>,
 }
 
 /// One shard's partition. Used from one glommio executor (`!Send`); clone it
@@ -409,8 +492,23 @@ impl Partition {
         }
     }
 
+    /// sled's log file, opened on this shard for `fdatasync` (see `commit`).
+    async fn log_file(&self) -> Result<Rc<glommio::io::BufferedFile>, SpoolError> {
+        if let Some(f) = self.inner.log_file.borrow().as_ref() {
+            return Ok(Rc::clone(f));
+        }
+        let path = self.inner.health.path.join(SLED_LOG_FILE);
+        let file = glommio::io::BufferedFile::open(&path)
+            .await
+            .map_err(|e| SpoolError::Storage(sled::Error::Io(e.into())))?;
+        let file = Rc::new(file);
+        *self.inner.log_file.borrow_mut() = Some(Rc::clone(&file));
+        Ok(file)
+    }
+
     async fn commit(&self) -> Result<(), SpoolError> {
         self.check_writable()?;
+        let log = self.log_file().await?;
         let tree = &self.inner.tree;
         let health = &self.inner.health;
         self.inner
@@ -418,8 +516,23 @@ impl Partition {
             .commit(|| {
                 let tree = tree.clone();
                 let health = Arc::clone(health);
-                // The future owns the tree handle, so it can outlive us.
-                watched_flush(async move { tree.flush_async().await }, health)
+                // The future owns its handles, so it can outlive us.
+                watched_flush(
+                    async move {
+                        let n = tree.flush_async().await?;
+                        // sled 0.34 ends its flush with sync_file_range(2),
+                        // which persists neither the metadata of its growing
+                        // log file nor the device's write cache: not durable
+                        // across power loss. fdatasync (io_uring, so the
+                        // shard does not block) makes it so; still one per
+                        // group commit.
+                        log.fdatasync()
+                            .await
+                            .map_err(|e| sled::Error::Io(e.into()))?;
+                        Ok(n)
+                    },
+                    health,
+                )
             })
             .await?;
         Ok(())
@@ -452,7 +565,7 @@ impl Partition {
         let existed = tree.contains_key(ekey)?;
         let mut batch = sled::Batch::default();
         batch.insert(&ekey[..], record);
-        batch.insert(&key(BODY_PREFIX, id)[..], body);
+        let chunks = insert_body(&mut batch, id, body);
         tree.apply_batch(batch).map_err(|e| self.write_error(e))?;
         if !existed {
             self.set_len(self.inner.len.get() + 1);
@@ -466,6 +579,9 @@ impl Partition {
                 let mut undo = sled::Batch::default();
                 undo.remove(&ekey[..]);
                 undo.remove(&key(BODY_PREFIX, id)[..]);
+                for i in 0..chunks {
+                    undo.remove(&chunk_key(id, i)[..]);
+                }
                 if tree.apply_batch(undo).is_ok() {
                     self.set_len(self.inner.len.get().saturating_sub(1));
                 }
@@ -484,15 +600,20 @@ impl Partition {
         let Some(envelope) = self.load_envelope(id)? else {
             return Ok(None);
         };
-        let body =
-            self.inner
-                .tree
-                .get(key(BODY_PREFIX, id))?
-                .ok_or_else(|| SpoolError::Corrupt {
-                    what: "body".into(),
-                    reason: format!("message {id} has an envelope but no body"),
-                })?;
-        Ok(Some((envelope, body.to_vec())))
+        let tree = &self.inner.tree;
+        let first = tree
+            .get(key(BODY_PREFIX, id))?
+            .ok_or_else(|| SpoolError::Corrupt {
+                what: "body".into(),
+                reason: format!("message {id} has an envelope but no body"),
+            })?;
+        let mut body = Vec::with_capacity(usize::try_from(envelope.size).unwrap_or(0));
+        body.extend_from_slice(&first);
+        // Chunk keys sort by index (big-endian), so this is body order.
+        for piece in tree.scan_prefix(chunk_prefix(id)).values() {
+            body.extend_from_slice(&piece?);
+        }
+        Ok(Some((envelope, body)))
     }
 
     /// The envelope of `id` alone (no body read).
@@ -529,6 +650,9 @@ impl Partition {
         let mut batch = sled::Batch::default();
         batch.remove(&ekey[..]);
         batch.remove(&key(BODY_PREFIX, id)[..]);
+        for k in tree.scan_prefix(chunk_prefix(id)).keys() {
+            batch.remove(k?);
+        }
         tree.apply_batch(batch).map_err(|e| self.write_error(e))?;
         if existed {
             self.set_len(self.inner.len.get().saturating_sub(1));
