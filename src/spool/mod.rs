@@ -18,14 +18,14 @@
 //! why bodies live in sled and the measurements behind it.
 //!
 //! Durability: `insert` in sled is only in memory until a flush, so every
-//! mutating call awaits a group-committed `flush_async` (see
-//! [`group_commit`]) followed by an `fdatasync` of sled's log (sled's own
-//! flush stops at `sync_file_range`) before resolving `Ok`. A failed flush surfaces as
+//! mutating call awaits a group-committed flush (see [`flusher`]): sled's
+//! `flush` followed by an `fdatasync` of its log (sled's own flush stops at
+//! `sync_file_range`), before resolving `Ok`. A failed flush surfaces as
 //! [`SpoolError`], whose [`SpoolError::reply`] is the transient `452 4.3.1`
 //! to send instead of `250`.
 
 mod envelope;
-mod group_commit;
+mod flusher;
 mod health;
 mod id;
 #[cfg(test)]
@@ -41,7 +41,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
 
-use group_commit::GroupCommit;
+use flusher::Flusher;
 use health::{Health, SpaceCheck};
 
 use crate::smtp::reply::{EnhancedCode, Reply};
@@ -62,8 +62,6 @@ const BODY_CHUNK: usize = 64 * 1024;
 /// 2 MiB and everything lives in the log. sled's default is 512 KiB.
 const SEGMENT_SIZE: usize = 8 << 20;
 const TREE_PREFIX: &str = "shard-";
-/// sled 0.34's log (all inline data) inside the spool directory.
-const SLED_LOG_FILE: &str = "db";
 
 fn key(prefix: u8, id: SpoolId) -> [u8; 9] {
     let mut k = [0u8; 9];
@@ -207,6 +205,7 @@ pub struct Spool {
     db: sled::Db,
     path: PathBuf,
     health: Arc<Health>,
+    flusher: Arc<Flusher>,
 }
 
 impl std::fmt::Debug for Spool {
@@ -253,10 +252,16 @@ impl Spool {
             path: path.to_path_buf(),
             source,
         })?;
+        let flusher =
+            Flusher::start(db.clone(), path).map_err(|source| SpoolError::NotWritable {
+                path: path.to_path_buf(),
+                source,
+            })?;
         Ok(Spool {
             db,
             path: path.to_path_buf(),
             health: Arc::new(Health::new(path.to_path_buf(), options)),
+            flusher: Arc::new(flusher),
         })
     }
 
@@ -287,12 +292,11 @@ impl Spool {
             inner: Rc::new(PartitionInner {
                 tree,
                 shard,
-                gc: GroupCommit::new(shard),
                 len: Cell::new(len),
                 label,
                 health: Arc::clone(&self.health),
                 space: SpaceCheck::default(),
-                log_file: Default::default(),
+                flusher: Arc::clone(&self.flusher),
             }),
         })
     }
@@ -369,7 +373,7 @@ impl Spool {
             WriteState::Ok => {}
             other => return Err(SpoolError::Unavailable(other)),
         }
-        self.db.flush()?;
+        futures_lite::future::block_on(self.flusher.flush())?;
         Ok(())
     }
 }
@@ -434,12 +438,11 @@ where
 struct PartitionInner {
     tree: sled::Tree,
     shard: u16,
-    gc: GroupCommit,
     len: Cell<usize>,
     label: String,
     health: Arc<Health>,
     space: SpaceCheck,
-    log_file: std::cell::RefCell<Option<Rc<glommio::io::BufferedFile>>>,
+    flusher: Arc<Flusher>,
 }
 
 /// One shard's partition. Used from one glommio executor (`!Send`); clone it
@@ -492,49 +495,9 @@ impl Partition {
         }
     }
 
-    /// sled's log file, opened on this shard for `fdatasync` (see `commit`).
-    async fn log_file(&self) -> Result<Rc<glommio::io::BufferedFile>, SpoolError> {
-        if let Some(f) = self.inner.log_file.borrow().as_ref() {
-            return Ok(Rc::clone(f));
-        }
-        let path = self.inner.health.path.join(SLED_LOG_FILE);
-        let file = glommio::io::BufferedFile::open(&path)
-            .await
-            .map_err(|e| SpoolError::Storage(sled::Error::Io(e.into())))?;
-        let file = Rc::new(file);
-        *self.inner.log_file.borrow_mut() = Some(Rc::clone(&file));
-        Ok(file)
-    }
-
     async fn commit(&self) -> Result<(), SpoolError> {
         self.check_writable()?;
-        let log = self.log_file().await?;
-        let tree = &self.inner.tree;
-        let health = &self.inner.health;
-        self.inner
-            .gc
-            .commit(|| {
-                let tree = tree.clone();
-                let health = Arc::clone(health);
-                // The future owns its handles, so it can outlive us.
-                watched_flush(
-                    async move {
-                        let n = tree.flush_async().await?;
-                        // sled 0.34 ends its flush with sync_file_range(2),
-                        // which persists neither the metadata of its growing
-                        // log file nor the device's write cache: not durable
-                        // across power loss. fdatasync (io_uring, so the
-                        // shard does not block) makes it so; still one per
-                        // group commit.
-                        log.fdatasync()
-                            .await
-                            .map_err(|e| sled::Error::Io(e.into()))?;
-                        Ok(n)
-                    },
-                    health,
-                )
-            })
-            .await?;
+        watched_flush(self.inner.flusher.flush(), Arc::clone(&self.inner.health)).await?;
         Ok(())
     }
 
@@ -681,20 +644,21 @@ impl Partition {
         self.len() == 0
     }
 
-    /// Flushes this partition has completed (each covering one or more
-    /// writes): with concurrent writers this is less than the number of writes.
+    /// Flushes the spool has completed (process-wide: one flush serves
+    /// every shard). Each covers one or more writes: with concurrent writers
+    /// this is less than the number of writes.
     pub fn flush_count(&self) -> u64 {
-        self.inner.gc.flush_count()
+        self.inner.flusher.flush_count()
     }
 
     /// Writes made durable by those flushes; `flushed_writes() /
     /// flush_count()` is the mean group-commit batch size.
     pub fn flushed_writes(&self) -> u64 {
-        self.inner.gc.covered_writes()
+        self.inner.flusher.covered_writes()
     }
 
     /// The largest number of writes one flush covered.
     pub fn max_flush_batch(&self) -> u64 {
-        self.inner.gc.max_batch()
+        self.inner.flusher.max_batch()
     }
 }
