@@ -231,18 +231,22 @@ async fn store(ctx: &Rc<ShardCtx>, msg: &IncomingMessage) -> Result<String, Repl
     let id = ctx.ids.borrow_mut().next(now_ms);
     let id_text = id.to_string();
     let received = msg.received_header(&ctx.hostname, &id_text, &date::rfc5322(now));
-    let mut body = Vec::with_capacity(received.len() + msg.body.len());
-    body.extend_from_slice(received.as_bytes());
-    body.extend_from_slice(&msg.body);
-    let envelope = envelope(id, msg, now_ms, body.len() as u64, &ctx.hostname);
-    match ctx.partition.store(&envelope, &body).await {
+    // The trace header goes in front of the body as the spool writes it:
+    // no copy of the body here.
+    let size = received.len() + msg.body.len();
+    let envelope = envelope(id, msg, now_ms, size as u64, &ctx.hostname);
+    match ctx
+        .partition
+        .store_parts(&envelope, &[received.as_bytes(), &msg.body])
+        .await
+    {
         Ok(()) => {
             ctx.metrics.messages_accepted.increment(1);
-            ctx.metrics.message_size.record(body.len() as f64);
+            ctx.metrics.message_size.record(size as f64);
             ctx.metrics
                 .store_latency
                 .record(started.elapsed().as_secs_f64());
-            tracing::info!(id = %id_text, size = body.len(), rcpts = envelope.recipients.len(), "queued");
+            tracing::info!(id = %id_text, size, rcpts = envelope.recipients.len(), "queued");
             Ok(id_text)
         }
         Err(e) => {

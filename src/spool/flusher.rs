@@ -9,8 +9,9 @@
 //! flusher serves every shard: one flush in flight for the process, and a
 //! flush started for shard 0's writers also settles shard 1's.
 //!
-//! A flush is sled's `flush` (write its buffers; it ends with
-//! `sync_file_range`, which is not durable on its own) followed by
+//! A flush is `fdatasync` of the body segments written since the last one
+//! (see [`super::bodies`]), then sled's `flush` (write its buffers; it ends
+//! with `sync_file_range`, which is not durable on its own), then
 //! `fdatasync` of sled's log file. Both block, so they run on this thread,
 //! never on a shard; shards await a [`FlushFuture`], woken across threads.
 
@@ -61,8 +62,13 @@ pub(crate) const SLED_LOG_FILE: &str = "db";
 
 impl Flusher {
     /// Starts the thread for `db`, whose directory is `path`.
-    pub(crate) fn start(db: sled::Db, path: &Path) -> std::io::Result<Flusher> {
+    pub(crate) fn start(
+        db: sled::Db,
+        path: &Path,
+        bodies: Arc<super::bodies::Dirty>,
+    ) -> std::io::Result<Flusher> {
         let log = std::fs::File::open(path.join(SLED_LOG_FILE))?;
+        let spool = path.to_path_buf();
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
             wake: Condvar::new(),
@@ -73,6 +79,8 @@ impl Flusher {
             .name("sluice-spool-flush".into())
             .spawn(move || {
                 run(&s, || {
+                    // Bodies first: once a pointer is durable, its body is.
+                    bodies.sync(&spool)?;
                     db.flush()?;
                     log.sync_data()?;
                     Ok(())

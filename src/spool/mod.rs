@@ -9,9 +9,10 @@
 //! written atomically by one `Batch`:
 //!
 //! * `b'E' ++ id (8 bytes BE)` -> [`Envelope`] record (format byte + JSON)
-//! * `b'B' ++ id (8 bytes BE)` -> the first 64 KiB of the body
-//! * `b'C' ++ id ++ n (u32 BE)` -> the rest of the body in 64 KiB pieces
-//!   (see [`BODY_CHUNK`] for why)
+//! * `b'P' ++ id (8 bytes BE)` -> where the body is in the shard's body log
+//!   (append-only segment files under `bodies/`, see [`bodies`] for why)
+//! * `b'B' ++ id` -> the body itself, in spools written by earlier builds
+//!   (still read and removed)
 //!
 //! The prefixes keep all envelopes contiguous, so enumerating for the queue
 //! rebuild, counting and `max_id` never read a body. See `docs/spool.md` for
@@ -24,6 +25,7 @@
 //! [`SpoolError`], whose [`SpoolError::reply`] is the transient `452 4.3.1`
 //! to send instead of `250`.
 
+mod bodies;
 mod envelope;
 mod flusher;
 mod health;
@@ -41,6 +43,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
 
+use bodies::{BodyLog, BodyRef, Dirty};
 use flusher::Flusher;
 use health::{Health, SpaceCheck};
 
@@ -48,18 +51,14 @@ use crate::smtp::reply::{EnhancedCode, Reply};
 
 const ENVELOPE_PREFIX: u8 = b'E';
 const BODY_PREFIX: u8 = b'B';
-/// Body bytes past the first [`BODY_CHUNK`]: `b'C' ++ id ++ chunk (u32 BE)`.
-const CHUNK_PREFIX: u8 = b'C';
-/// Bodies are stored in pieces of at most this size. sled 0.34 writes a
-/// value larger than about a quarter of its 512 KiB segment to a separate
-/// `blobs/` file that it never fsyncs (not even with `flush`); pieces this
-/// small always stay in its log, which `Partition::commit` makes durable.
-const BODY_CHUNK: usize = 64 * 1024;
+/// Where the body lives in the body log: `b'P' ++ id` -> [`BodyRef`].
+const POINTER_PREFIX: u8 = b'P';
 /// sled's segment (and log buffer) size. sled writes any log item over a
 /// quarter of a segment - a whole tree node when it consolidates one - to a
-/// `blobs/` file it never fsyncs. A leaf holds at most 17 entries, so with
-/// 64 KiB body pieces (and envelopes far below 100 KiB) a node stays under
-/// 2 MiB and everything lives in the log. sled's default is 512 KiB.
+/// `blobs/` file it never fsyncs. A leaf holds at most 17 entries; with the
+/// bodies elsewhere (see [`bodies`]) they are envelopes (about 100 KiB at
+/// 1000 recipients) and 28-octet pointers, so a node stays under the 2 MiB
+/// limit of 8 MiB segments. sled's default is 512 KiB.
 const SEGMENT_SIZE: usize = 8 << 20;
 const TREE_PREFIX: &str = "shard-";
 
@@ -68,31 +67,6 @@ fn key(prefix: u8, id: SpoolId) -> [u8; 9] {
     k[0] = prefix;
     k[1..].copy_from_slice(&id.to_be_bytes());
     k
-}
-
-fn chunk_key(id: SpoolId, index: u32) -> [u8; 13] {
-    let mut k = [0u8; 13];
-    k[0] = CHUNK_PREFIX;
-    k[1..9].copy_from_slice(&id.to_be_bytes());
-    k[9..].copy_from_slice(&index.to_be_bytes());
-    k
-}
-
-fn chunk_prefix(id: SpoolId) -> [u8; 9] {
-    key(CHUNK_PREFIX, id)
-}
-
-/// Puts `body` into `batch` as the `B` record plus `C` chunks; returns how
-/// many chunks.
-fn insert_body(batch: &mut sled::Batch, id: SpoolId, body: &[u8]) -> u32 {
-    let (first, rest) = body.split_at(body.len().min(BODY_CHUNK));
-    batch.insert(&key(BODY_PREFIX, id)[..], first);
-    let mut chunks = 0u32;
-    for piece in rest.chunks(BODY_CHUNK) {
-        batch.insert(&chunk_key(id, chunks)[..], piece);
-        chunks += 1;
-    }
-    chunks
 }
 
 fn id_from_key(k: &[u8]) -> Result<SpoolId, SpoolError> {
@@ -206,6 +180,7 @@ pub struct Spool {
     path: PathBuf,
     health: Arc<Health>,
     flusher: Arc<Flusher>,
+    dirty: Arc<Dirty>,
 }
 
 impl std::fmt::Debug for Spool {
@@ -252,16 +227,19 @@ impl Spool {
             path: path.to_path_buf(),
             source,
         })?;
-        let flusher =
-            Flusher::start(db.clone(), path).map_err(|source| SpoolError::NotWritable {
+        let dirty = Arc::new(Dirty::default());
+        let flusher = Flusher::start(db.clone(), path, Arc::clone(&dirty)).map_err(|source| {
+            SpoolError::NotWritable {
                 path: path.to_path_buf(),
                 source,
-            })?;
+            }
+        })?;
         Ok(Spool {
             db,
             path: path.to_path_buf(),
             health: Arc::new(Health::new(path.to_path_buf(), options)),
             flusher: Arc::new(flusher),
+            dirty,
         })
     }
 
@@ -284,6 +262,12 @@ impl Spool {
             k?;
             len += 1;
         }
+        // Which body segments are still referenced, and by how many messages.
+        let mut live = std::collections::HashMap::new();
+        for v in tree.scan_prefix([POINTER_PREFIX]).values() {
+            *live.entry(BodyRef::decode(&v?)?.segment).or_insert(0u64) += 1;
+        }
+        let bodies = BodyLog::open(&self.path, shard, live, Arc::clone(&self.dirty))?;
         let label = shard.to_string();
         metrics::gauge!("sluice_spool_messages", "shard" => label.clone()).set(len as f64);
         // Again here: `open` may run before the metrics recorder exists.
@@ -297,6 +281,7 @@ impl Spool {
                 health: Arc::clone(&self.health),
                 space: SpaceCheck::default(),
                 flusher: Arc::clone(&self.flusher),
+                bodies,
             }),
         })
     }
@@ -443,6 +428,7 @@ struct PartitionInner {
     health: Arc<Health>,
     space: SpaceCheck,
     flusher: Arc<Flusher>,
+    bodies: BodyLog,
 }
 
 /// One shard's partition. Used from one glommio executor (`!Send`); clone it
@@ -507,11 +493,23 @@ impl Partition {
     /// Refused with nothing written when the spool is not writable or the
     /// file system would keep less than `min_free_space` (see [`health`]).
     pub async fn store(&self, envelope: &Envelope, body: &[u8]) -> Result<(), SpoolError> {
+        self.store_parts(envelope, &[body]).await
+    }
+
+    /// [`Partition::store`] with the body given in pieces (e.g. a trace
+    /// header and the message), written as their concatenation without an
+    /// extra copy.
+    pub async fn store_parts(
+        &self,
+        envelope: &Envelope,
+        parts: &[&[u8]],
+    ) -> Result<(), SpoolError> {
         let started = Instant::now();
+        let body_len: usize = parts.iter().map(|p| p.len()).sum();
         let id = envelope.id;
         self.check_writable()?;
         let record = envelope.encode();
-        let needed = (record.len() + body.len()) as u64;
+        let needed = (record.len() + body_len) as u64;
         if let Err(free) = self.inner.space.check(&self.inner.health, needed) {
             metrics::counter!("sluice_spool_refused_total", "reason" => "low_space").increment(1);
             let needed = needed.saturating_add(self.inner.health.options.min_free_space);
@@ -526,35 +524,41 @@ impl Partition {
         let tree = &self.inner.tree;
         let ekey = key(ENVELOPE_PREFIX, id);
         let existed = tree.contains_key(ekey)?;
+        if existed {
+            // Ids are unique; storing one twice would orphan a body.
+            return Err(SpoolError::Corrupt {
+                what: "store".into(),
+                reason: format!("message {id} is already in the spool"),
+            });
+        }
+        let body = self.inner.bodies.append(parts).await?;
+        let pkey = key(POINTER_PREFIX, id);
         let mut batch = sled::Batch::default();
         batch.insert(&ekey[..], record);
-        let chunks = insert_body(&mut batch, id, body);
-        tree.apply_batch(batch).map_err(|e| self.write_error(e))?;
-        if !existed {
-            self.set_len(self.inner.len.get() + 1);
+        batch.insert(&pkey[..], &body.encode()[..]);
+        if let Err(e) = tree.apply_batch(batch) {
+            self.inner.bodies.release(body.segment);
+            return Err(self.write_error(e));
         }
+        self.set_len(self.inner.len.get() + 1);
         if let Err(e) = self.commit().await {
             tracing::warn!(shard = self.inner.shard, %id, error = %e, "spool store failed");
             // The caller answers 4xx and the client retries: take the
             // not-durable copy out again so a later flush cannot turn it into
             // a duplicate delivery. Best effort: sled may refuse everything now.
-            if !existed {
-                let mut undo = sled::Batch::default();
-                undo.remove(&ekey[..]);
-                undo.remove(&key(BODY_PREFIX, id)[..]);
-                for i in 0..chunks {
-                    undo.remove(&chunk_key(id, i)[..]);
-                }
-                if tree.apply_batch(undo).is_ok() {
-                    self.set_len(self.inner.len.get().saturating_sub(1));
-                }
+            let mut undo = sled::Batch::default();
+            undo.remove(&ekey[..]);
+            undo.remove(&pkey[..]);
+            if tree.apply_batch(undo).is_ok() {
+                self.set_len(self.inner.len.get().saturating_sub(1));
+                self.inner.bodies.release(body.segment);
             }
             return Err(e);
         }
         let secs = started.elapsed().as_secs_f64();
         metrics::histogram!("sluice_spool_write_seconds", "shard" => self.inner.label.clone())
             .record(secs);
-        tracing::debug!(shard = self.inner.shard, %id, size = body.len(), secs, "spooled");
+        tracing::debug!(shard = self.inner.shard, %id, size = body_len, secs, "spooled");
         Ok(())
     }
 
@@ -564,6 +568,11 @@ impl Partition {
             return Ok(None);
         };
         let tree = &self.inner.tree;
+        if let Some(p) = tree.get(key(POINTER_PREFIX, id))? {
+            let body = self.inner.bodies.read(id, &BodyRef::decode(&p)?)?;
+            return Ok(Some((envelope, body)));
+        }
+        // Spools written before the body log kept bodies in sled.
         let first = tree
             .get(key(BODY_PREFIX, id))?
             .ok_or_else(|| SpoolError::Corrupt {
@@ -572,10 +581,6 @@ impl Partition {
             })?;
         let mut body = Vec::with_capacity(usize::try_from(envelope.size).unwrap_or(0));
         body.extend_from_slice(&first);
-        // Chunk keys sort by index (big-endian), so this is body order.
-        for piece in tree.scan_prefix(chunk_prefix(id)).values() {
-            body.extend_from_slice(&piece?);
-        }
         Ok(Some((envelope, body)))
     }
 
@@ -610,17 +615,24 @@ impl Partition {
         let tree = &self.inner.tree;
         let ekey = key(ENVELOPE_PREFIX, id);
         let existed = tree.contains_key(ekey)?;
+        let pkey = key(POINTER_PREFIX, id);
+        let body = match tree.get(pkey)? {
+            Some(p) => Some(BodyRef::decode(&p)?),
+            None => None,
+        };
         let mut batch = sled::Batch::default();
         batch.remove(&ekey[..]);
+        batch.remove(&pkey[..]);
         batch.remove(&key(BODY_PREFIX, id)[..]);
-        for k in tree.scan_prefix(chunk_prefix(id)).keys() {
-            batch.remove(k?);
-        }
         tree.apply_batch(batch).map_err(|e| self.write_error(e))?;
         if existed {
             self.set_len(self.inner.len.get().saturating_sub(1));
         }
         self.commit().await?;
+        // Durably gone: its bytes in the body log may go too.
+        if let Some(b) = body {
+            self.inner.bodies.release(b.segment);
+        }
         tracing::debug!(shard = self.inner.shard, %id, "spool removed");
         Ok(())
     }

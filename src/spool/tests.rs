@@ -665,23 +665,14 @@ fn reserve_refuses_before_writing() {
 }
 
 #[test]
-fn large_bodies_are_chunked_and_round_trip() {
+fn bodies_of_every_size_round_trip_through_the_body_log() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().to_owned();
     run(move || async move {
         let spool = Spool::open(&path).unwrap();
         let p = spool.partition(0).unwrap();
         let mut g = SpoolIdGenerator::new(0, None);
-        let sizes = [
-            0,
-            1,
-            BODY_CHUNK - 1,
-            BODY_CHUNK,
-            BODY_CHUNK + 1,
-            3 * BODY_CHUNK,
-            1 << 20,
-            (5 << 20) + 17,
-        ];
+        let sizes = [0, 1, 4095, 65536, 100 << 10, 1 << 20, (5 << 20) + 17];
         let mut ids = Vec::new();
         for (i, len) in sizes.into_iter().enumerate() {
             let id = g.next(ms(i as u64));
@@ -689,34 +680,82 @@ fn large_bodies_are_chunked_and_round_trip() {
             p.store(&envelope(id, len as u64), &body).await.unwrap();
             ids.push((id, body));
         }
-        for (id, body) in &ids {
-            let (_, got) = p.load(*id).unwrap().unwrap();
-            assert!(got == *body, "{id}: {} vs {} octets", got.len(), body.len());
-        }
-        // Removing a chunked message removes every piece.
-        let (big, _) = ids.pop().unwrap();
-        p.remove(big).await.unwrap();
-        assert!(p.load(big).unwrap().is_none());
-        assert_eq!(p.inner.tree.scan_prefix(chunk_prefix(big)).count(), 0);
-        // Many 100 KiB messages: leaves fill up and get consolidated.
-        // Stored concurrently, so a few group commits cover them all.
+        // Many 100 KiB messages, stored concurrently (a few group commits).
         let tasks: Vec<_> = (0..60)
             .map(|i| {
                 let id = g.next(ms(100 + i));
                 let p = p.clone();
                 glommio::spawn_local(async move {
-                    p.store(&envelope(id, 100 << 10), &body_for(id, 100 << 10))
+                    let body = body_for(id, 100 << 10);
+                    p.store_parts(&envelope(id, 100 << 10), &[&body[..10], &body[10..]])
                         .await
                         .unwrap();
+                    (id, body)
                 })
             })
             .collect();
         for t in tasks {
-            t.await;
+            ids.push(t.await);
         }
-        // sled never needed a blob file: everything is in its (synced) log.
+        for (id, body) in &ids {
+            let (_, got) = p.load(*id).unwrap().unwrap();
+            assert!(got == *body, "{id}: {} vs {} octets", got.len(), body.len());
+        }
+        // sled never wrote a blob file (it would not fsync it).
         let blobs = path.join("blobs");
         let n = std::fs::read_dir(&blobs).map(|d| d.count()).unwrap_or(0);
         assert_eq!(n, 0, "sled wrote unsynced blob files");
+        // Bodies are in the body log; removing every message deletes every
+        // segment but the one still open for appends.
+        assert!(!p.inner.bodies.live_segments().is_empty());
+        for (id, _) in &ids {
+            p.remove(*id).await.unwrap();
+        }
+        let left = std::fs::read_dir(path.join(bodies::BODIES_DIR))
+            .unwrap()
+            .count();
+        assert!(left <= 1, "{left} segments left");
+    });
+}
+
+#[test]
+fn body_log_survives_reopen_and_drops_unreferenced_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_owned();
+    let (kept, gone) = run({
+        let path = path.clone();
+        move || async move {
+            let spool = Spool::open(&path).unwrap();
+            let p = spool.partition(1).unwrap();
+            let mut g = SpoolIdGenerator::new(1, None);
+            let kept = g.next(ms(1));
+            let gone = g.next(ms(2));
+            p.store(&envelope(kept, 9), b"kept body").await.unwrap();
+            p.store(&envelope(gone, 9), b"gone body").await.unwrap();
+            p.remove(gone).await.unwrap();
+            (kept, gone)
+        }
+    });
+    // An orphan segment (a body whose envelope never became durable).
+    std::fs::write(
+        path.join(bodies::BODIES_DIR)
+            .join("00001-999999999999.body"),
+        b"x",
+    )
+    .unwrap();
+    run(move || async move {
+        let spool = Spool::open(&path).unwrap();
+        let p = spool.partition(1).unwrap();
+        assert_eq!(p.load(kept).unwrap().unwrap().1, b"kept body");
+        assert!(p.load(gone).unwrap().is_none());
+        assert!(!path
+            .join(bodies::BODIES_DIR)
+            .join("00001-999999999999.body")
+            .exists());
+        // New appends go to a new segment, after the highest seen.
+        let mut g = SpoolIdGenerator::new(1, Some(kept));
+        let id = g.next(ms(3));
+        p.store(&envelope(id, 3), b"new").await.unwrap();
+        assert_eq!(p.load(id).unwrap().unwrap().1, b"new");
     });
 }
