@@ -694,3 +694,51 @@ fn ten_mib_line_without_crlf_does_not_grow_memory() {
     );
     assert_eq!(server.queue().len(), 1);
 }
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// A session that once read a full buffer and answered a long pipelined
+/// burst must not keep those buffers while idle (it used to keep a 64 KiB
+/// read buffer and ~140 KiB of reply buffer: about 350 KiB of RSS per
+/// idle session).
+#[test]
+fn bursts_do_not_pin_memory_in_idle_sessions() {
+    let dir = tempdir();
+    let server = Server::start(
+        dir.path(),
+        &config(dir.path(), "max_connections_per_ip = 1000", ""),
+    );
+    let pid = server.child.id();
+    let burst = "NOOP\r\n".repeat(10_000);
+    let reply_len = "250 2.0.0 Ok\r\n".len() * 10_000;
+    let mut held = Vec::new();
+    let mut warm = server.client();
+    warm.hello();
+    let before = rss_kib(pid);
+    for _ in 0..100 {
+        let mut c = server.client();
+        assert!(c.reply().starts_with("220"));
+        c.send(&burst);
+        let mut got = 0;
+        let mut buf = vec![0u8; 1 << 16];
+        while got < reply_len {
+            let n = std::io::Read::read(&mut c.reader, &mut buf).unwrap();
+            assert!(n > 0, "closed after {got} octets");
+            got += n;
+        }
+        held.push(c);
+    }
+    let grown = rss_kib(pid).saturating_sub(before);
+    assert!(
+        grown < 6 * 1024,
+        "100 idle sessions after a burst each: RSS grew {grown} KiB"
+    );
+    assert!(held[99].cmd("NOOP").starts_with("250"));
+}

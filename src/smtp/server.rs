@@ -906,7 +906,14 @@ impl Session {
     /// Appends pending reply bytes to `out`. Write them in one go once the
     /// session has consumed all the input you had (RFC 2920 §3.2).
     pub fn write_output(&mut self, out: &mut Vec<u8>) {
-        out.append(&mut self.out);
+        if out.is_empty() {
+            // Hand the buffer over instead of copying it: the session keeps
+            // the caller's (empty) one, so a long pipelined burst of replies
+            // does not leave a large buffer behind in every idle session.
+            std::mem::swap(out, &mut self.out);
+        } else {
+            out.append(&mut self.out);
+        }
     }
 
     /// Whether replies are waiting to be written.
