@@ -63,11 +63,11 @@ pub struct Config {
     pub spool: SpoolConfig,
     /// `[metrics]`: Prometheus / admin HTTP endpoint.
     pub metrics: MetricsConfig,
-    /// `[dns]`: resolver settings (used by delivery, a later issue).
+    /// `[dns]`: resolver settings for delivery.
     pub dns: DnsConfig,
     /// `[delivery]`: outbound settings (a later issue).
     pub delivery: DeliveryConfig,
-    /// `[[route]]`: static routes (a later issue).
+    /// `[[route]]`: static routes that override MX lookups.
     #[serde(rename = "route", skip_serializing_if = "Vec::is_empty")]
     pub routes: Vec<RouteConfig>,
 }
@@ -256,12 +256,120 @@ impl Default for MetricsConfig {
     }
 }
 
-/// `[dns]` (used by delivery, a later issue).
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+/// `[dns]`: the resolver used for MX and address lookups (see
+/// [`crate::delivery::dns`]).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct DnsConfig {
-    /// Recursive resolvers to ask; empty = those of `/etc/resolv.conf`.
+    /// Recursive resolvers to ask (`"IP:port"`); empty = those of
+    /// `/etc/resolv.conf`.
     pub nameservers: Vec<SocketAddr>,
+    /// Milliseconds to wait for one answer before the query counts as failed.
+    pub timeout_ms: u64,
+    /// Tries per query (first try included) before a temporary failure.
+    pub attempts: usize,
+    /// Answers kept in the cache (one per name and type).
+    pub cache_size: u64,
+    /// Lower bound in seconds on the time any answer is cached.
+    pub min_ttl: u64,
+    /// Upper bound in seconds on the time a positive answer is cached.
+    pub max_ttl: u64,
+    /// Upper bound in seconds on the time a negative answer (NXDOMAIN, no
+    /// records of the type) is cached.
+    pub negative_max_ttl: u64,
+    /// Lookups resolved at the same time; more wait in line.
+    pub max_in_flight: usize,
+    /// Name servers asked in parallel for one query when several are listed.
+    pub parallel_nameservers: usize,
+    /// MX hosts (after sorting) whose addresses are looked up per domain.
+    pub max_mx_hosts: usize,
+    /// Which address families to use and in what order for each host.
+    pub ip_order: IpOrder,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        DnsConfig {
+            nameservers: Vec::new(),
+            timeout_ms: 5000,
+            attempts: 2,
+            cache_size: 65_536,
+            min_ttl: 0,
+            max_ttl: 86_400,
+            negative_max_ttl: 300,
+            max_in_flight: 512,
+            parallel_nameservers: 2,
+            max_mx_hosts: 10,
+            ip_order: IpOrder::Ipv4First,
+        }
+    }
+}
+
+impl DnsConfig {
+    /// The per-query timeout as a duration.
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
+        for ns in &self.nameservers {
+            if ns.port() == 0 || ns.ip().is_unspecified() || ns.ip().is_multicast() {
+                return Err(ConfigError::Invalid(format!(
+                    "dns.nameservers: {ns} is not a usable server address"
+                )));
+            }
+        }
+        if self.timeout_ms < 10 || self.timeout_ms > 60_000 {
+            return bad("dns.timeout_ms must be between 10 and 60000");
+        }
+        if !(1..=10).contains(&self.attempts) {
+            return bad("dns.attempts must be between 1 and 10");
+        }
+        if self.max_ttl < self.min_ttl || self.negative_max_ttl < self.min_ttl {
+            return bad("dns.max_ttl and dns.negative_max_ttl must be at least dns.min_ttl");
+        }
+        if self.max_ttl > u64::from(u32::MAX) {
+            return bad("dns.max_ttl must fit in 32 bits (RFC 2181 8)");
+        }
+        if self.max_in_flight == 0 || self.max_in_flight > 65_536 {
+            return bad("dns.max_in_flight must be between 1 and 65536");
+        }
+        if self.parallel_nameservers == 0 || self.parallel_nameservers > 16 {
+            return bad("dns.parallel_nameservers must be between 1 and 16");
+        }
+        if self.max_mx_hosts == 0 || self.max_mx_hosts > 100 {
+            return bad("dns.max_mx_hosts must be between 1 and 100");
+        }
+        Ok(())
+    }
+}
+
+/// Address families to use for a host, and their order (`[dns] ip_order`).
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum IpOrder {
+    /// IPv4 addresses, then IPv6 addresses (the default: bulk receivers hold
+    /// IPv6 senders to stricter rules, and IPv4 reputation is what most
+    /// senders have built).
+    Ipv4First,
+    /// IPv6 addresses, then IPv4 addresses.
+    Ipv6First,
+    /// IPv4 only (no AAAA queries).
+    Ipv4Only,
+    /// IPv6 only (no A queries).
+    Ipv6Only,
+}
+
+impl IpOrder {
+    /// Whether A records are looked up at all.
+    pub fn wants_ipv4(self) -> bool {
+        self != IpOrder::Ipv6Only
+    }
+    /// Whether AAAA records are looked up at all.
+    pub fn wants_ipv6(self) -> bool {
+        self != IpOrder::Ipv4Only
+    }
 }
 
 /// `[delivery]` (a later issue).
@@ -278,15 +386,167 @@ impl Default for DeliveryConfig {
     }
 }
 
-/// One `[[route]]` (a later issue): mail for `domain` goes to `hosts`
-/// instead of the domain's MX.
+/// One `[[route]]`: mail for `domain` goes to `hosts` instead of the
+/// domain's MX hosts (like Postfix's transport map, or its relayhost for `*`).
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
-    /// Recipient domain (exact, case-insensitive).
+    /// What the route covers: an exact domain (`example.test`), every
+    /// subdomain of one (`.example.test`), an address literal
+    /// (`[192.0.2.1]`), or `*` for everything not matched otherwise.
+    /// Case-insensitive.
     pub domain: String,
     /// Hosts to try in order.
-    pub hosts: Vec<SocketAddr>,
+    pub hosts: Vec<RouteHost>,
+}
+
+/// A `[[route]] hosts` entry: `"IP:port"`, `"[IPv6]:port"`, `"name:port"`, or
+/// any of these without the port (then `[delivery] port` applies). Names are
+/// resolved with A/AAAA lookups, never MX.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(try_from = "String", into = "String")]
+pub struct RouteHost {
+    /// The address or name.
+    pub host: RouteHostName,
+    /// The TCP port, if given.
+    pub port: Option<u16>,
+}
+
+/// The host part of a [`RouteHost`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RouteHostName {
+    /// An IP address: no DNS lookup.
+    Ip(std::net::IpAddr),
+    /// A host name (ASCII-lowercased, no trailing dot), resolved by A/AAAA.
+    Name(String),
+}
+
+impl From<SocketAddr> for RouteHost {
+    fn from(addr: SocketAddr) -> Self {
+        RouteHost {
+            host: RouteHostName::Ip(addr.ip()),
+            port: Some(addr.port()),
+        }
+    }
+}
+
+impl std::str::FromStr for RouteHost {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        use std::net::IpAddr;
+        let bad = |why: &str| Err(format!("route host {s:?}: {why}"));
+        if let Ok(addr) = s.parse::<SocketAddr>() {
+            if addr.port() == 0 {
+                return bad("port 0");
+            }
+            return Ok(addr.into());
+        }
+        if let Ok(ip) = s.parse::<IpAddr>() {
+            return Ok(RouteHost {
+                host: RouteHostName::Ip(ip),
+                port: None,
+            });
+        }
+        if let Some(inner) = s.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
+            return match inner.parse::<std::net::Ipv6Addr>() {
+                Ok(ip) => Ok(RouteHost {
+                    host: RouteHostName::Ip(IpAddr::V6(ip)),
+                    port: None,
+                }),
+                Err(_) => bad("not an IPv6 address in brackets"),
+            };
+        }
+        let (name, port) = match s.rsplit_once(':') {
+            Some((name, port)) => match port.parse::<u16>() {
+                Ok(p) if p != 0 => (name, Some(p)),
+                _ => return bad("invalid port"),
+            },
+            None => (s, None),
+        };
+        let name = name.strip_suffix('.').unwrap_or(name);
+        if name.parse::<IpAddr>().is_ok() {
+            return bad("IPv6 addresses with a port need brackets: \"[::1]:25\"");
+        }
+        if !is_host_name(name) {
+            return bad("not an IP address or host name");
+        }
+        Ok(RouteHost {
+            host: RouteHostName::Name(name.to_ascii_lowercase()),
+            port,
+        })
+    }
+}
+
+impl TryFrom<String> for RouteHost {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<RouteHost> for String {
+    fn from(h: RouteHost) -> String {
+        h.to_string()
+    }
+}
+
+impl std::fmt::Display for RouteHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (&self.host, self.port) {
+            (RouteHostName::Ip(ip), Some(p)) => SocketAddr::new(*ip, p).fmt(f),
+            (RouteHostName::Ip(std::net::IpAddr::V6(ip)), None) => write!(f, "[{ip}]"),
+            (RouteHostName::Ip(ip), None) => ip.fmt(f),
+            (RouteHostName::Name(n), Some(p)) => write!(f, "{n}:{p}"),
+            (RouteHostName::Name(n), None) => f.write_str(n),
+        }
+    }
+}
+
+/// An LDH host name of at most 253 octets with labels of 1..=63 octets
+/// (underscores allowed: they occur in real internal names).
+fn is_host_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
+}
+
+impl RouteConfig {
+    /// Checks the domain pattern (the hosts were checked when parsed).
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |why: &str| {
+            Err(ConfigError::Invalid(format!(
+                "[[route]] domain {:?}: {why}",
+                self.domain
+            )))
+        };
+        if self.hosts.is_empty() {
+            return bad("needs at least one host");
+        }
+        let d = self.domain.as_str();
+        if d == "*" {
+            return Ok(());
+        }
+        if d.starts_with('[') {
+            return match crate::delivery::route::parse_address_literal(d) {
+                Some(_) => Ok(()),
+                None => bad("not an IPv4 or IPv6 address literal"),
+            };
+        }
+        let name = d.strip_prefix('.').unwrap_or(d);
+        if name.ends_with('.') || !is_host_name(name) {
+            return bad("must be a domain, .domain (its subdomains), [address literal] or *");
+        }
+        Ok(())
+    }
 }
 
 impl Config {
@@ -355,9 +615,15 @@ impl Config {
         if self.spool.flush_timeout == 0 {
             return bad("spool.flush_timeout must be positive");
         }
+        self.dns.validate()?;
+        let mut seen = std::collections::HashSet::new();
         for r in &self.routes {
-            if r.domain.is_empty() || r.hosts.is_empty() {
-                return bad("every [[route]] needs a domain and at least one host");
+            r.validate()?;
+            if !seen.insert(r.domain.to_ascii_lowercase()) {
+                return Err(ConfigError::Invalid(format!(
+                    "[[route]] domain {:?} is listed twice",
+                    r.domain
+                )));
             }
         }
         Ok(())
@@ -447,6 +713,154 @@ mod tests {
         }
         let example = Config::parse(include_str!("../deploy/sluice.toml")).unwrap();
         assert_eq!(example.spool.path, PathBuf::from("/var/lib/sluice/spool"));
+    }
+
+    #[test]
+    fn dns_keys_parse_and_round_trip() {
+        let c = Config::parse(
+            r#"
+            [dns]
+            nameservers = ["127.0.0.1:5353", "[::1]:53"]
+            timeout_ms = 250
+            attempts = 1
+            cache_size = 100
+            min_ttl = 1
+            max_ttl = 60
+            negative_max_ttl = 10
+            max_in_flight = 64
+            parallel_nameservers = 1
+            max_mx_hosts = 3
+            ip_order = "ipv6_first"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.dns.timeout(), Duration::from_millis(250));
+        assert_eq!(c.dns.ip_order, IpOrder::Ipv6First);
+        assert_eq!(c.dns.nameservers.len(), 2);
+        assert_eq!(Config::parse(&c.to_toml()).unwrap().dns, c.dns);
+        assert_eq!(Config::parse("").unwrap().dns, DnsConfig::default());
+    }
+
+    #[test]
+    fn bad_dns_values_are_refused() {
+        for bad in [
+            "[dns]\ntimeout_ms = 0",
+            "[dns]\nattempts = 0",
+            "[dns]\nattempts = 11",
+            "[dns]\nmin_ttl = 10\nmax_ttl = 5",
+            "[dns]\nmin_ttl = 10\nnegative_max_ttl = 5",
+            "[dns]\nmax_in_flight = 0",
+            "[dns]\nparallel_nameservers = 0",
+            "[dns]\nmax_mx_hosts = 0",
+            "[dns]\nnameservers = [\"0.0.0.0:53\"]",
+            "[dns]\nnameservers = [\"127.0.0.1:0\"]",
+            "[dns]\nnameservers = [\"localhost:53\"]",
+            "[dns]\nip_order = \"ipv5\"",
+            "[dns]\nretries = 3",
+        ] {
+            let e = Config::parse(bad).unwrap_err().to_string();
+            assert!(e.starts_with("invalid config"), "{bad:?} -> {e}");
+            assert!(!e.contains('\n'), "{bad:?} -> {e:?}");
+        }
+    }
+
+    #[test]
+    fn route_hosts_parse() {
+        use std::net::IpAddr;
+        let ip = |s: &str| RouteHostName::Ip(s.parse::<IpAddr>().unwrap());
+        let name = |s: &str| RouteHostName::Name(s.to_owned());
+        for (text, host, port, shown) in [
+            (
+                "127.0.0.2:2526",
+                ip("127.0.0.2"),
+                Some(2526),
+                "127.0.0.2:2526",
+            ),
+            ("127.0.0.2", ip("127.0.0.2"), None, "127.0.0.2"),
+            ("[::1]:25", ip("::1"), Some(25), "[::1]:25"),
+            ("[::1]", ip("::1"), None, "[::1]"),
+            ("::1", ip("::1"), None, "[::1]"),
+            (
+                "MX.Example.Test:25",
+                name("mx.example.test"),
+                Some(25),
+                "mx.example.test:25",
+            ),
+            (
+                "mx.example.test.",
+                name("mx.example.test"),
+                None,
+                "mx.example.test",
+            ),
+            (
+                "relay_1.internal",
+                name("relay_1.internal"),
+                None,
+                "relay_1.internal",
+            ),
+        ] {
+            let h: RouteHost = text.parse().unwrap_or_else(|e| panic!("{text}: {e}"));
+            assert_eq!(h.host, host, "{text}");
+            assert_eq!(h.port, port, "{text}");
+            assert_eq!(h.to_string(), shown, "{text}");
+            assert_eq!(shown.parse::<RouteHost>().unwrap(), h, "{text}");
+        }
+        for bad in [
+            "",
+            "127.0.0.2:0",
+            "host:0",
+            "host:99999",
+            "host:",
+            "::1:25x",
+            "[nonsense]:25",
+            "a..b",
+            "-a.test",
+            "a b",
+            "user@host",
+        ] {
+            assert!(bad.parse::<RouteHost>().is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn route_domains_validate() {
+        let route = |domain: &str| {
+            format!("[[route]]\ndomain = \"{domain}\"\nhosts = [\"127.0.0.2:25\"]\n")
+        };
+        for good in [
+            "example.test",
+            "Example.TEST",
+            ".example.test",
+            "*",
+            "[127.0.0.2]",
+            "[IPv6:::1]",
+        ] {
+            Config::parse(&route(good)).unwrap_or_else(|e| panic!("{good}: {e}"));
+        }
+        for bad in [
+            "",
+            ".",
+            "..example.test",
+            "example.test.",
+            "*.example.test",
+            "[1.2.3]",
+            "[tag:x]",
+            "exa mple.test",
+        ] {
+            let e = Config::parse(&route(bad)).unwrap_err().to_string();
+            assert!(e.contains("[[route]]"), "{bad:?} -> {e}");
+        }
+        let twice = format!("{}{}", route("a.test"), route("A.test"));
+        assert!(Config::parse(&twice)
+            .unwrap_err()
+            .to_string()
+            .contains("twice"));
+        let no_hosts = "[[route]]\ndomain = \"a.test\"\nhosts = []\n";
+        assert!(Config::parse(no_hosts).is_err());
+        let bad_host = "[[route]]\ndomain = \"a.test\"\nhosts = [\"x:0\"]\n";
+        let e = Config::parse(bad_host).unwrap_err().to_string();
+        assert!(e.contains("route host"), "{e}");
+        assert!(!e.contains('\n'), "{e:?}");
     }
 
     #[test]

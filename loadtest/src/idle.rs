@@ -2,6 +2,7 @@
 //! bring each to the post-EHLO idle state, hold them, then QUIT. A thread per connection
 //! would cost more memory than the server under test, which is what this mode measures.
 
+use sluice::smtp::Reply;
 use std::collections::BTreeMap;
 use std::io::{self, IsTerminal, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -80,30 +81,20 @@ struct Conn {
     buf: Vec<u8>,
 }
 
-/// Finds a complete reply in `buf`: returns its code once the final line (`NNN ` or `NNN`)
-/// has arrived, and clears the buffer.
+/// Takes one complete reply off the front of `buf` (parsed by Sluice's [`Reply::parse`])
+/// and returns its code; `None` while the reply is incomplete.
 fn take_reply(buf: &mut Vec<u8>) -> Option<Result<u16, String>> {
-    let mut start = 0;
-    while let Some(off) = buf[start..].iter().position(|&b| b == b'\n') {
-        let line = &buf[start..start + off];
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        start += off + 1;
-        if line.len() < 3 || !line[..3].iter().all(u8::is_ascii_digit) {
-            let s = String::from_utf8_lossy(line).into_owned();
-            buf.clear();
-            return Some(Err(format!("malformed reply {s:?}")));
+    match Reply::parse(buf) {
+        Ok(Some((reply, n))) => {
+            buf.drain(..n);
+            Some(Ok(reply.code()))
         }
-        if line.len() == 3 || line[3] == b' ' {
-            let code = std::str::from_utf8(&line[..3]).ok()?.parse().ok()?;
+        Ok(None) => None,
+        Err(e) => {
             buf.clear();
-            return Some(Ok(code));
+            Some(Err(format!("bad reply: {e}")))
         }
     }
-    if buf.len() > 64 * 1024 {
-        buf.clear();
-        return Some(Err("reply too long".into()));
-    }
-    None
 }
 
 struct Run {

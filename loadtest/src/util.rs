@@ -6,7 +6,7 @@ use std::io::{self, Write};
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 /// Parses a byte size such as `5000`, `5k`, `5K`, `1.5m`, `2MiB`. `k` = 1024.
 pub fn parse_size(s: &str) -> Result<usize, String> {
@@ -52,20 +52,45 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
-/// Resolves `s` and insists on a loopback address: this tool generates load and must only
-/// ever point at servers on this machine (127.0.0.0/8 or ::1).
-pub fn parse_loopback_addr(s: &str) -> Result<SocketAddr, String> {
-    let addr = s
-        .to_socket_addrs()
+/// Resolves `s` (`IP:port` or `host:port`) to its first address.
+pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+    s.to_socket_addrs()
         .map_err(|e| format!("bad address {s:?}: {e}"))?
         .next()
-        .ok_or_else(|| format!("address {s:?} resolved to nothing"))?;
-    if !is_loopback(addr.ip()) {
-        return Err(format!(
-            "{addr} is not a loopback address; sluice-load only talks to 127.0.0.0/8 or ::1"
-        ));
-    }
+        .ok_or_else(|| format!("address {s:?} resolved to nothing"))
+}
+
+/// Resolves `s` and insists on a loopback address.
+pub fn parse_loopback_addr(s: &str) -> Result<SocketAddr, String> {
+    let addr = parse_addr(s)?;
+    check_loopback(addr, false)?;
     Ok(addr)
+}
+
+/// The loopback guard: a load generator must not be pointed at someone else's server by
+/// accident, so anything outside 127.0.0.0/8 and ::1 needs `--allow-non-loopback`.
+pub fn check_loopback(addr: SocketAddr, allowed: bool) -> Result<(), String> {
+    if allowed || is_loopback(addr.ip()) {
+        return Ok(());
+    }
+    Err(format!(
+        "{addr} is not a loopback address; sluice-load only talks to 127.0.0.0/8 or ::1 \
+         unless given --allow-non-loopback"
+    ))
+}
+
+/// Parses a probability (`0.05`, or a percentage `5%`) in `[0, 1]`.
+pub fn parse_probability(s: &str) -> Result<f64, String> {
+    let t = s.trim();
+    let v = match t.strip_suffix('%') {
+        Some(p) => p.trim().parse::<f64>().map(|v| v / 100.0),
+        None => t.parse::<f64>(),
+    }
+    .map_err(|_| format!("bad probability {s:?} (want 0..1 or a percentage)"))?;
+    if !(0.0..=1.0).contains(&v) {
+        return Err(format!("probability out of range: {s:?} (want 0..1)"));
+    }
+    Ok(v)
 }
 
 /// True for 127.0.0.0/8 and ::1 (and IPv4-mapped loopback).
@@ -99,15 +124,6 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
         let _ = fs::remove_file(&tmp);
     }
     res
-}
-
-/// The current time as an RFC 5322 date in UTC, e.g. `Tue, 01 Jul 2025 12:00:00 +0000`.
-pub fn rfc5322_now() -> String {
-    let secs = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    rfc5322_date(secs)
 }
 
 /// Formats seconds since the Unix epoch as an RFC 5322 date in UTC.

@@ -133,9 +133,13 @@ fn send(addr: SocketAddr, extra: &[&str]) -> Value {
         &target,
         "--io-timeout",
         "20s",
-        "--duration-limit",
-        "120s",
+        "--progress",
+        "off",
     ];
+    // Every run is bounded; tests that set their own duration keep it.
+    if !extra.contains(&"--duration") {
+        args.extend_from_slice(&["--duration-limit", "120s"]);
+    }
     args.extend_from_slice(extra);
     let out = run(&args);
     assert!(
@@ -233,6 +237,8 @@ fn dot_stuffed_lines_arrive_intact() {
             "5",
             "--size",
             "3k",
+            "--body",
+            "plain",
             "--from",
             "sender@src.test",
         ];
@@ -251,14 +257,15 @@ fn dot_stuffed_lines_arrive_intact() {
             let expect_transfer = if transfer.is_empty() { "DATA" } else { "BDAT" };
             assert_eq!(env["transfer"], expect_transfer);
             let body = body_of(eml);
-            // The generator puts these lines first; each must arrive with exactly the dots it had.
+            // Plain bodies carry these lines near the top; each must arrive with exactly
+            // the dots it had.
+            let dotted: &[u8] =
+                b"\r\n.\r\n..\r\n.leading dot line: must arrive with exactly one dot\r\n\
+                      ..two leading dots: must arrive with exactly two dots\r\n";
             assert!(
-                body.starts_with(
-                    b".\r\n..\r\n.leading dot line: must arrive with exactly one dot\r\n\
-                      ..two leading dots: must arrive with exactly two dots\r\n"
-                ),
+                body.windows(dotted.len()).any(|w| w == dotted),
                 "{}",
-                String::from_utf8_lossy(&body[..200.min(body.len())])
+                String::from_utf8_lossy(&body[..300.min(body.len())])
             );
             // No line may have gained a dot: the only lines starting with ".." are the two above.
             let text = String::from_utf8_lossy(body);
@@ -450,7 +457,10 @@ fn ids_file_records_queue_ids() {
     let s = sink.wait_stats("connections", |s| {
         s["connections_current"] == 0 && s["messages"] == 50
     });
-    assert_eq!(u(&s, "connections_total"), u(&r, "connections_opened"));
+    // A slot that reconnected just as the last messages were taken by others is closed
+    // during its handshake: the sink saw it, the generator does not count it as opened.
+    let (seen, opened) = (u(&s, "connections_total"), u(&r, "connections_opened"));
+    assert!((opened..=opened + 3).contains(&seen), "{seen} vs {opened}");
 }
 
 #[test]
@@ -582,4 +592,443 @@ fn refuses_non_loopback_and_honours_duration_limit() {
     let r: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(r["attempted"], 0, "{r}");
     assert_eq!(r["stopped_by_duration_limit"], true);
+}
+
+fn f(v: &Value, path: &[&str]) -> f64 {
+    let mut x = v;
+    for k in path {
+        x = &x[*k];
+    }
+    x.as_f64()
+        .unwrap_or_else(|| panic!("missing {path:?} in {v}"))
+}
+
+fn read_lines(p: &Path) -> Vec<String> {
+    fs::read_to_string(p)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn acked_and_received_ids_match_and_verify_is_clean() {
+    let tmp = tempfile::tempdir().unwrap();
+    let received = tmp.path().join("received");
+    let acked = tmp.path().join("acked");
+    let mut sink = start_sink(&["--received", received.to_str().unwrap()]);
+    let r = send(
+        sink.addr,
+        &[
+            "--connections",
+            "5",
+            "--messages",
+            "400",
+            "--size-dist",
+            "1k:50,8k:40,40k:10",
+            "--acked",
+            acked.to_str().unwrap(),
+            "--run-id",
+            "t1",
+        ],
+    );
+    assert_eq!(u(&r, "accepted"), 400, "{r}");
+    sink.wait_stats("400 messages", |s| s["messages"] == 400);
+    // The id is logged before the 250 leaves the sink: no waiting needed.
+    let got = read_lines(&received);
+    let sent = read_lines(&acked);
+    assert_eq!(got.len(), 400);
+    assert_eq!(sent.len(), 400);
+    let a: HashSet<_> = sent.iter().collect();
+    let b: HashSet<_> = got.iter().collect();
+    assert_eq!(a, b);
+    assert!(sent.iter().all(|id| id.starts_with("t1-")), "{sent:?}");
+    let out = run(&[
+        "verify",
+        "--acked",
+        acked.to_str().unwrap(),
+        "--received",
+        received.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((u(&v, "lost"), u(&v, "duplicated")), (0, 0), "{v}");
+}
+
+#[test]
+fn verify_finds_planted_loss_and_duplicate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let received = tmp.path().join("received");
+    let acked = tmp.path().join("acked");
+    let mut sink = start_sink(&["--received", received.to_str().unwrap()]);
+    let r = send(
+        sink.addr,
+        &[
+            "--connections",
+            "2",
+            "--messages",
+            "30",
+            "--acked",
+            acked.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(u(&r, "accepted"), 30);
+    sink.wait_stats("30 messages", |s| s["messages"] == 30);
+    let got = read_lines(&received);
+    // Plant: one acked id the sink never saw, one id the sink saw twice.
+    let mut a = fs::read_to_string(&acked).unwrap();
+    a.push_str("planted-lost-1\n");
+    fs::write(&acked, a).unwrap();
+    let mut b = fs::read_to_string(&received).unwrap();
+    b.push_str(&format!("{}\n", got[7]));
+    fs::write(&received, b).unwrap();
+    let out = run(&[
+        "verify",
+        "--acked",
+        acked.to_str().unwrap(),
+        "--received",
+        received.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "a loss must fail verify");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(u(&v, "lost"), 1, "{v}");
+    assert_eq!(v["lost_examples"][0], "planted-lost-1");
+    assert_eq!(u(&v, "duplicated"), 1);
+    assert_eq!(u(&v, "duplicate_copies"), 1);
+    assert_eq!(v["duplicated_examples"][0][0], got[7].as_str());
+    // Text mode names the problem too.
+    let out = run(&[
+        "verify",
+        "--acked",
+        acked.to_str().unwrap(),
+        "--received",
+        received.to_str().unwrap(),
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("lost: 1") && text.contains("LOST"), "{text}");
+}
+
+#[test]
+fn open_loop_rate_is_held() {
+    let mut sink = start_sink(&[]);
+    let r = send(
+        sink.addr,
+        &[
+            "--connections",
+            "4",
+            "--rate",
+            "200/s",
+            "--duration",
+            "3s",
+            "--size",
+            "2k",
+        ],
+    );
+    // The schedule is exact: 200/s for 3 s.
+    assert_eq!(u(&r, "attempted"), 600, "{r}");
+    assert_eq!(u(&r, "accepted"), 600, "{r}");
+    assert_eq!(r["mode"], "open");
+    let rate = f(&r, &["attempted_per_s"]);
+    assert!((190.0..=204.0).contains(&rate), "offered rate {rate}: {r}");
+    sink.wait_stats("600 messages", |s| s["messages"] == 600);
+}
+
+#[test]
+fn open_loop_latency_counts_from_the_intended_time() {
+    // The sink holds every answer 100 ms; two connections can do at most 20 messages/s,
+    // but 40 are scheduled within one second. The last one is due at 0.975 s and cannot
+    // finish before 2 s (20 per connection x 100 ms), so its latency is at least 1 s even
+    // though no single transaction takes much more than 100 ms. A generator that measured
+    // from when it got round to sending (coordinated omission) would report ~100 ms.
+    let mut sink = start_sink(&["--delay", "100ms"]);
+    let r = send(
+        sink.addr,
+        &["--connections", "2", "--rate", "40", "--duration", "1s"],
+    );
+    assert_eq!(u(&r, "accepted"), 40, "{r}");
+    let lat = &r["latency_ms"];
+    assert!(f(lat, &["from_intended", "max"]) >= 1000.0, "{r}");
+    assert!(
+        f(lat, &["transaction", "p50"]) >= 100.0,
+        "the delay must show: {r}"
+    );
+    assert!(
+        f(lat, &["from_intended", "p90"]) > f(lat, &["transaction", "p90"]),
+        "{r}"
+    );
+    sink.wait_stats("40 messages", |s| s["messages"] == 40);
+}
+
+#[test]
+fn injected_faults_by_rate_appear_in_the_report() {
+    let mut sink = start_sink(&[
+        "--tempfail-rate",
+        "0.2",
+        "--permfail-rate",
+        "10%",
+        "--drop-rate",
+        "0.05",
+        "--seed",
+        "42",
+    ]);
+    let r = send(
+        sink.addr,
+        &[
+            "--connections",
+            "4",
+            "--messages",
+            "600",
+            "--connect-attempts",
+            "5",
+        ],
+    );
+    let s = sink.wait_stats("all transactions", |s| {
+        s["transactions"] == 600 && s["connections_current"] == 0
+    });
+    // Each side counts the same events.
+    assert_eq!(u(&r, "accepted"), u(&s, "messages"), "{r}\n{s}");
+    assert_eq!(r["codes"]["451"], s["tempfail_injected"], "{r}\n{s}");
+    assert_eq!(r["codes"]["554"], s["permfail_injected"], "{r}\n{s}");
+    assert_eq!(u(&r, "errors"), u(&s, "dropped"), "{r}\n{s}");
+    assert_eq!(u(&r, "accepted") + u(&r, "rejected") + u(&r, "errors"), 600);
+    assert_eq!(
+        u(&r["replies"], "4xx") + u(&r["replies"], "5xx"),
+        u(&r, "rejected")
+    );
+    // Dropped connections are connection errors, reported with a reason.
+    assert_eq!(u(&r, "connection_errors"), u(&s, "dropped"));
+    assert!(
+        r["error_samples"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .any(|k| k.contains("closed by the server")),
+        "{r}"
+    );
+    // And the shares are near the configured rates (600 draws; generous bounds).
+    let share = |k: &str| u(&s, k) as f64 / 600.0;
+    assert!((0.12..0.28).contains(&share("tempfail_injected")), "{s}");
+    assert!((0.04..0.17).contains(&share("permfail_injected")), "{s}");
+    assert!((0.01..0.10).contains(&share("dropped")), "{s}");
+}
+
+#[test]
+fn injected_faults_by_local_part_appear_in_the_report() {
+    // tempfail-2@: the first two attempts of that exact address get 451, then it is accepted.
+    let mut sink = start_sink(&[]);
+    let r = send(
+        sink.addr,
+        &[
+            "--connections",
+            "1",
+            "--messages",
+            "5",
+            "--rcpt-template",
+            "tempfail-2@d{domain}.test",
+        ],
+    );
+    assert_eq!(u(&r, "accepted"), 3, "{r}");
+    assert_eq!(r["codes"]["451"], 2, "{r}");
+    assert_eq!(r["rcpt_codes"]["451"], 2, "{r}");
+    let s = sink.wait_stats("3 messages", |s| s["messages"] == 3);
+    assert_eq!(u(&s, "rcpt_tempfail_injected"), 2);
+    // permfail@: always 550 5.1.1; with a second, good recipient the message still goes.
+    let r = send(
+        sink.addr,
+        &[
+            "--connections",
+            "2",
+            "--messages",
+            "6",
+            "--rcpt-template",
+            "permfail@d{domain}.test",
+        ],
+    );
+    assert_eq!(u(&r, "accepted"), 0, "{r}");
+    assert_eq!(r["replies"]["5xx"], 6, "{r}");
+    assert_eq!(r["codes"]["550"], 6, "{r}");
+    let s = sink.wait_stats("permfails", |s| s["rcpt_permfail_injected"] == 6);
+    assert_eq!(u(&s, "messages"), 3);
+}
+
+#[test]
+fn bad_targets_are_reported_cleanly() {
+    // Nothing listens: refused at once.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let target = format!("127.0.0.1:{port}");
+    let started = Instant::now();
+    let out = run(&[
+        "send",
+        "--target",
+        &target,
+        "--messages",
+        "10",
+        "--connections",
+        "3",
+        "--connect-attempts",
+        "2",
+        "--progress",
+        "off",
+    ]);
+    assert!(started.elapsed() < Duration::from_secs(20));
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(err.contains("could not open any connection"), "{err}");
+    assert!(err.to_lowercase().contains("refused"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(text.contains("10 not attempted"), "{text}");
+
+    // A server that refuses service in its greeting.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.set_nonblocking(true).unwrap();
+    let addr = l.local_addr().unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let server = std::thread::spawn(move || {
+        use std::io::Write;
+        let end = Instant::now() + DEADLINE;
+        while !stop2.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < end {
+            match l.accept() {
+                Ok((mut s, _)) => {
+                    let _ = s.write_all(b"554 5.7.1 no service here\r\n");
+                }
+                Err(_) => std::thread::sleep(POLL),
+            }
+        }
+    });
+    let target = addr.to_string();
+    let out = run(&[
+        "send",
+        "--json",
+        "--target",
+        &target,
+        "--messages",
+        "5",
+        "--connections",
+        "2",
+        "--connect-attempts",
+        "2",
+        "--progress",
+        "off",
+    ]);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    server.join().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(u(&r, "connect_errors"), 4, "{r}");
+    assert_eq!(u(&r, "attempted"), 0);
+    assert!(
+        r["error_samples"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .any(|k| k.contains("greeting 554")),
+        "{r}"
+    );
+}
+
+#[test]
+fn sink_listens_on_several_addresses() {
+    let dir = tempfile::tempdir().unwrap();
+    let ready = dir.path().join("ready");
+    let stats = dir.path().join("stats.json");
+    let child = Command::new(BIN)
+        .args([
+            "sink",
+            "--listen",
+            "127.0.0.1:0",
+            "--listen",
+            "127.0.0.2:0",
+            "--quiet",
+            "--ready-file",
+        ])
+        .arg(&ready)
+        .arg("--stats-file")
+        .arg(&stats)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut proc = Proc(child);
+    let addrs: Vec<SocketAddr> = poll_until("ready file", Some(&mut proc), || {
+        let text = fs::read_to_string(&ready).ok()?;
+        text.lines().map(|l| l.parse().ok()).collect()
+    });
+    assert_eq!(addrs.len(), 2);
+    assert_eq!(addrs[1].ip().to_string(), "127.0.0.2");
+    let mut sink = Sink {
+        proc,
+        addr: addrs[0],
+        stats,
+        _dir: dir,
+    };
+    for a in &addrs {
+        let r = send(*a, &["--connections", "1", "--messages", "3"]);
+        assert_eq!(u(&r, "accepted"), 3);
+    }
+    let s = sink.wait_stats("6 messages", |s| s["messages"] == 6);
+    assert_eq!(s["listens"].as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn mime_bodies_are_well_formed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("store");
+    let mut sink = start_sink(&["--store", store.to_str().unwrap()]);
+    let r = send(
+        sink.addr,
+        &[
+            "--connections",
+            "2",
+            "--messages",
+            "40",
+            "--size-dist",
+            "2k:1,20k:1",
+            "--body",
+            "mixed",
+            "--recipients",
+            "2",
+        ],
+    );
+    assert_eq!(u(&r, "accepted"), 40);
+    sink.wait_stats("40", |s| s["messages"] == 40);
+    let mut kinds = HashSet::new();
+    for (env, eml) in stored(&store) {
+        let text = String::from_utf8(eml.clone()).unwrap();
+        let id = env["id"].as_str().expect("id in envelope");
+        assert!(text.contains(&format!("\r\nX-Sluice-Load-Id: {id}\r\n")));
+        let ctype = text
+            .lines()
+            .find_map(|l| l.strip_prefix("Content-Type: "))
+            .unwrap()
+            .trim_end_matches(';')
+            .to_string();
+        if let Some(b) = text
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("boundary=\""))
+        {
+            let b = b.trim_end_matches('"');
+            assert!(
+                text.contains(&format!("\r\n--{b}--\r\n")),
+                "unclosed multipart"
+            );
+        }
+        if ctype == "multipart/mixed" {
+            assert!(text.contains("Content-Transfer-Encoding: base64"));
+        }
+        kinds.insert(ctype);
+        assert!(text.lines().all(|l| l.len() <= 998));
+    }
+    assert_eq!(kinds.len(), 3, "{kinds:?}");
 }

@@ -2,6 +2,8 @@
 //! config, ports picked by the server (port 0) and read from `--ready-file`.
 #![allow(dead_code)]
 
+pub mod dns;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
