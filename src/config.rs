@@ -211,12 +211,30 @@ impl RelayConfig {
 pub struct SpoolConfig {
     /// Directory of the sled database.
     pub path: PathBuf,
+    /// Octets that must stay free on the spool's file system; below that new
+    /// messages get `452 4.3.1`. 0 disables the check.
+    pub min_free_space: u64,
+    /// Seconds a spool flush may take before its messages get `452 4.3.1`
+    /// and new ones are refused until it completes.
+    pub flush_timeout: u64,
 }
 
 impl Default for SpoolConfig {
     fn default() -> Self {
         SpoolConfig {
             path: PathBuf::from("./sluice-spool"),
+            min_free_space: 256 * 1024 * 1024,
+            flush_timeout: 10,
+        }
+    }
+}
+
+impl SpoolConfig {
+    /// The spool's runtime options.
+    pub fn options(&self) -> crate::spool::SpoolOptions {
+        crate::spool::SpoolOptions {
+            min_free_space: self.min_free_space,
+            flush_timeout: Duration::from_secs(self.flush_timeout),
         }
     }
 }
@@ -740,6 +758,9 @@ impl Config {
             return bad("spool.path must not be empty");
         }
         self.delivery.validate()?;
+        if self.spool.flush_timeout == 0 {
+            return bad("spool.flush_timeout must be positive");
+        }
         self.dns.validate()?;
         let mut seen = std::collections::HashSet::new();
         for r in &self.routes {

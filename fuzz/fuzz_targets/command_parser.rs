@@ -11,7 +11,11 @@ fn check_address(a: &Address) {
     let text = a.to_string();
     let again = Address::parse(&text).unwrap_or_else(|e| panic!("{text:?} does not re-parse: {e}"));
     assert_eq!(&again, a, "address round trip through {text:?}");
-    assert_eq!(again.local_part(), a.local_part(), "local part must be kept verbatim");
+    assert_eq!(
+        again.local_part(),
+        a.local_part(),
+        "local part must be kept verbatim"
+    );
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -26,7 +30,10 @@ fuzz_target!(|data: &[u8]| {
         Command::Mail(m) => {
             if let ReversePath::Address(a) = &m.from {
                 check_address(a);
-                assert!(m.smtputf8 || !a.needs_smtputf8(), "non-ASCII sender without SMTPUTF8");
+                assert!(
+                    m.smtputf8 || !a.needs_smtputf8(),
+                    "non-ASCII sender without SMTPUTF8"
+                );
             }
         }
         Command::Rcpt(r) => {

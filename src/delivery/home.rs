@@ -209,10 +209,10 @@ impl Engine {
             .collect();
         let original = match part.reader().load_body(env.id) {
             Ok(Some(b)) => b,
-            Ok(None) => sled::IVec::default(),
+            Ok(None) => bytes::Bytes::new(),
             Err(e) => {
                 tracing::warn!(id = %env.id, error = %e, "cannot read the original for the DSN; headers omitted");
-                sled::IVec::default()
+                bytes::Bytes::new()
             }
         };
         let now = SystemTime::now();

@@ -14,7 +14,6 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::Bytes;
 use futures_lite::future;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
@@ -474,7 +473,7 @@ impl Connection {
         let message = OutgoingMessage {
             sender,
             recipients: rcpts,
-            body: Bytes::from_owner(body),
+            body,
             body_type: env.body_8bit.then_some(BodyType::EightBitMime),
             smtputf8: env.smtputf8,
             ret: env

@@ -5,6 +5,7 @@
 //! panics on bad input from the operator.
 
 mod api;
+mod buffers;
 pub mod date;
 pub mod limits;
 pub mod queue;
@@ -60,12 +61,25 @@ pub fn shard_for(domain: &str, shards: usize) -> usize {
 }
 
 /// Locked-memory limit of this process in octets (`None` = unlimited or
-/// unknown), read from `/proc/self/limits` so no unsafe `getrlimit` is needed.
+/// unknown).
 fn memlock_limit() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/self/limits").ok()?;
-    let line = text.lines().find(|l| l.starts_with("Max locked memory"))?;
-    let soft = line.split_whitespace().nth(3)?;
-    soft.parse().ok()
+    let (soft, _) = rlimit::Resource::MEMLOCK.get().ok()?;
+    (soft != rlimit::INFINITY).then_some(soft)
+}
+
+/// File descriptors beyond the SMTP connections: spool files, io_uring rings
+/// and eventfds per shard, the admin endpoint, its clients.
+const FD_HEADROOM: u64 = 256;
+
+/// Every connection is a file descriptor, and the usual soft limit (1024)
+/// is far below `max_connections`: raise the soft RLIMIT_NOFILE to the hard
+/// limit (allowed without privileges). Returns the soft limit in force.
+fn raise_nofile_limit() -> Option<u64> {
+    let (soft, hard) = rlimit::Resource::NOFILE.get().ok()?;
+    if soft < hard && rlimit::Resource::NOFILE.set(hard, hard).is_ok() {
+        return Some(hard);
+    }
+    Some(soft)
 }
 
 /// glommio refuses to start a reactor below this limit.
@@ -175,6 +189,21 @@ pub fn serve(config: Config, options: ServeOptions) -> Result<(), StartupError> 
         }
     }
 
+    if let Some(nofile) = raise_nofile_limit() {
+        let wanted = config.server.max_connections as u64 + FD_HEADROOM;
+        if nofile < wanted {
+            tracing::warn!(
+                nofile,
+                wanted,
+                "RLIMIT_NOFILE (hard limit) is below server.max_connections plus headroom: \
+                 accepts will fail with EMFILE before max_connections is reached \
+                 (raise it: ulimit -Hn, systemd LimitNOFILE=)"
+            );
+        } else {
+            tracing::debug!(nofile, "file descriptor limit");
+        }
+    }
+
     let mut listen = Vec::new();
     let mut probes = Vec::new();
     for &addr in &config.server.listen {
@@ -186,7 +215,7 @@ pub fn serve(config: Config, options: ServeOptions) -> Result<(), StartupError> 
     }
 
     let spool_path = &config.spool.path;
-    let spool = Spool::open(spool_path).map_err(|e| {
+    let spool = Spool::open_with(spool_path, config.spool.options()).map_err(|e| {
         StartupError(format!(
             "cannot open spool at {}: {e}",
             spool_path.display()
@@ -233,6 +262,8 @@ pub fn serve(config: Config, options: ServeOptions) -> Result<(), StartupError> 
     };
 
     let stop = Arc::new(AtomicBool::new(false));
+    // Shards still finishing their sessions after a stop; see `shard::run`.
+    let draining = Arc::new(std::sync::atomic::AtomicUsize::new(shards));
     let signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,
@@ -263,6 +294,7 @@ pub fn serve(config: Config, options: ServeOptions) -> Result<(), StartupError> 
             not_before,
             limiter: Arc::clone(&limiter),
             stop: Arc::clone(&stop),
+            draining: Arc::clone(&draining),
             ready: tx,
         };
         let placement = if shards <= cores {
@@ -305,6 +337,8 @@ pub fn serve(config: Config, options: ServeOptions) -> Result<(), StartupError> 
     if let Err(e) = startup {
         stop.store(true, Ordering::Release);
         delivery.resolver.stop();
+        // Some shards never ran; nobody waits for the others to drain.
+        draining.store(0, Ordering::Release);
         let mut detail = None;
         for h in handles {
             if let Err(join_err) = h.join() {

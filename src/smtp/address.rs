@@ -323,6 +323,7 @@ impl fmt::Display for ForwardPath {
 const ATEXT: u8 = 1; // RFC 5322 atext, plus UTF8-non-ascii (RFC 6531)
 const QTEXT: u8 = 2; // RFC 5321 qtextSMTP, plus UTF8-non-ascii
 const LETDIG: u8 = 4; // ALPHA / DIGIT, plus UTF8-non-ascii for U-labels
+const LDH: u8 = 8; // LETDIG or "-": what a domain label is made of
 
 static CLASS: [u8; 256] = build_class_table();
 
@@ -333,7 +334,10 @@ const fn build_class_table() -> [u8; 256] {
         let c = i as u8;
         let mut v = 0;
         if c.is_ascii_alphanumeric() || c >= 0x80 {
-            v |= ATEXT | LETDIG;
+            v |= ATEXT | LETDIG | LDH;
+        }
+        if c == b'-' {
+            v |= LDH;
         }
         if matches!(
             c,
@@ -379,7 +383,7 @@ pub(crate) fn scan_domain(b: &[u8], start: usize) -> Result<usize, AddressError>
     let mut i = start;
     loop {
         let label_start = i;
-        while i < b.len() && (class(b[i]) & LETDIG != 0 || b[i] == b'-') {
+        while i < b.len() && class(b[i]) & LDH != 0 {
             i += 1;
         }
         let len = i - label_start;

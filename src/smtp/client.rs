@@ -106,6 +106,10 @@ mod types;
 #[cfg(test)]
 mod tests;
 
+#[cfg(any(test, fuzzing))]
+#[doc(hidden)]
+pub mod fuzz_harness;
+
 use std::collections::VecDeque;
 use std::io::Write as _;
 use std::sync::Arc;
@@ -566,6 +570,11 @@ impl ClientSession {
             return;
         };
         let phase = expect.phase();
+        tracing::trace!(
+            phase = phase.as_str(),
+            code = reply.code(),
+            "smtp client: reply"
+        );
         if reply.code() == 421 && expect != Expect::Quit {
             self.fail(now, CloseKind::ServerClosing, phase, reply, true);
             return;
@@ -1102,6 +1111,13 @@ impl ClientSession {
             self.events
                 .push_back(ClientEvent::TransactionDone(Box::new(tx.into_result())));
         }
+        tracing::debug!(
+            kind = kind.as_str(),
+            phase = phase.as_str(),
+            code = reply.as_ref().map(Reply::code),
+            transactions = self.transactions,
+            "smtp client: session closed"
+        );
         self.state = State::Closed;
         self.deadline = None;
         self.expect.clear();

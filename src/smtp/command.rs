@@ -512,12 +512,43 @@ fn params<'a>(
     if !rest.is_empty() && !rest.starts_with(' ') {
         return Err(CommandError::Syntax(syntax));
     }
-    Ok(rest.split(' ').filter(|p| !p.is_empty()).map(split_param))
+    Ok(Params { rest })
 }
 
-/// esmtp-param = esmtp-keyword ["=" esmtp-value] (RFC 5321 §4.1.2).
-fn split_param(p: &str) -> Result<(&str, Option<&str>), CommandError> {
-    let (kw, value) = match p.find('=') {
+/// The space-separated words after the path, split into `keyword[=value]`.
+/// A hand-written byte loop: the words are short, and `str::split` /
+/// `str::find` (a `memchr` call per word) cost more than the whole parse.
+struct Params<'a> {
+    rest: &'a str,
+}
+
+impl<'a> Iterator for Params<'a> {
+    type Item = Result<(&'a str, Option<&'a str>), CommandError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let b = self.rest.as_bytes();
+        let mut i = 0;
+        while i < b.len() && b[i] == b' ' {
+            i += 1;
+        }
+        if i == b.len() {
+            self.rest = "";
+            return None;
+        }
+        let start = i;
+        let end = memchr::memchr(b' ', &b[start..]).map_or(b.len(), |n| start + n);
+        let eq = memchr::memchr(b'=', &b[start..end]);
+        // Spaces are ASCII, so both ends are char boundaries.
+        let word = &self.rest[start..end];
+        self.rest = &self.rest[end..];
+        Some(split_param(word, eq))
+    }
+}
+
+/// esmtp-param = esmtp-keyword ["=" esmtp-value] (RFC 5321 §4.1.2); `eq` is
+/// the index of the first `=` in `p`, if any.
+fn split_param(p: &str, eq: Option<usize>) -> Result<(&str, Option<&str>), CommandError> {
+    let (kw, value) = match eq {
         Some(eq) => (&p[..eq], Some(&p[eq + 1..])),
         None => (p, None),
     };

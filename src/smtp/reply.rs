@@ -216,7 +216,7 @@ impl Reply {
     pub fn parse(input: &[u8]) -> Result<Option<(Reply, usize)>, ReplyParseError> {
         let mut pos = 0;
         let mut code = None;
-        let mut raw_lines: Vec<&[u8]> = Vec::new();
+        let mut raw_lines: Vec<Cow<'_, [u8]>> = Vec::new();
         loop {
             let rest = &input[pos..];
             let Some(lf) = memchr::memchr(b'\n', rest) else {
@@ -257,6 +257,15 @@ impl Reply {
                 Some(b'-') => (false, &line[4..]),
                 Some(_) => return Err(malformed()),
             };
+            // A CR inside the text is dropped here, as `write_to` drops it on
+            // the way out: the text kept is the text that would be relayed
+            // (into DSNs and logs), so it never carries a line break, and the
+            // enhanced code is recognised on exactly that text.
+            let text = if text.contains(&b'\r') {
+                Cow::Owned(text.iter().copied().filter(|&b| b != b'\r').collect())
+            } else {
+                Cow::Borrowed(text)
+            };
             raw_lines.push(text);
             if last {
                 break;
@@ -274,6 +283,7 @@ impl Reply {
         let lines = raw_lines
             .iter()
             .map(|t| {
+                let t: &[u8] = t;
                 let t = match (enhanced, leading_enhanced_code(t)) {
                     (Some(e), Some((here, rest))) if here == e => rest,
                     _ => t,
@@ -387,6 +397,12 @@ mod tests {
             (b"250 ok\n", Some((250, None, &["ok"], 7))),
             // A mismatched class is text, not an enhanced code.
             (b"250 5.0.0 odd\r\n", Some((250, None, &["5.0.0 odd"], 15))),
+            // A CR inside the text is dropped (as rendering drops it), before
+            // the enhanced code is looked for.
+            (
+                b"250 2.0\r.0 a\rb\r\r\n",
+                Some((250, Some("2.0.0"), &["ab"], 17)),
+            ),
             (b"250-mx\r\n250 SIZE", None),
             (b"25", None),
             (b"", None),

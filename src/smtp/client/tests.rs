@@ -1180,3 +1180,63 @@ fn empty_recipient_list_is_an_empty_result() {
     assert!(h.s.is_idle());
     let _ = h.start;
 }
+
+mod fuzz_scripts {
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// The fuzz harness's invariants on random scripts (the cargo-fuzz
+        /// target `client_session` runs the same harness much longer).
+        #[test]
+        fn random_scripts_keep_invariants(data in proptest::collection::vec(any::<u8>(), 0..200)) {
+            super::super::fuzz_harness::run(&data);
+        }
+
+        /// Scripts made mostly of canned replies reach deep states.
+        #[test]
+        fn canned_reply_scripts_keep_invariants(
+            ctl in any::<u8>(),
+            tokens in proptest::collection::vec(prop_oneof![0u8..26, 0xF0u8..=0xFF], 0..80),
+        ) {
+            let mut data = vec![ctl];
+            data.extend(tokens);
+            super::super::fuzz_harness::run(&data);
+        }
+    }
+}
+
+#[test]
+fn input_during_tls_handshake_is_refused() {
+    let cfg = ClientConfig {
+        starttls: StartTlsPolicy::Opportunistic,
+        ..config()
+    };
+    let mut h = Harness::new(cfg);
+    h.server("220 x\r\n");
+    h.client();
+    h.server("250-mx.test\r\n250 STARTTLS\r\n");
+    h.client();
+    h.server("220 go ahead\r\n");
+    assert_eq!(h.starttls, 1);
+    // A later read, before the driver answered: not ours to parse.
+    h.server("250 injected\r\n");
+    assert_eq!(h.closed_kind(), Some(CloseKind::ProtocolError));
+    h.s.answer_starttls(h.now, true);
+    assert_eq!(h.client(), "", "nothing more after the close");
+}
+
+#[test]
+fn server_421_to_ehlo_is_a_connection_failure() {
+    let mut h = Harness::new(config());
+    let id = h.send(msg("a@x.test", &["b@y.test"], "x"));
+    h.server("220 x\r\n");
+    h.client();
+    h.server("421 4.7.0 too many connections\r\n");
+    let (reason, unsent) = h.closed.clone().unwrap();
+    assert_eq!(reason.kind, CloseKind::ServerClosing);
+    assert!(reason.is_connection_failure());
+    assert_eq!(unsent[0].0, id);
+    assert_eq!(h.client(), "");
+}

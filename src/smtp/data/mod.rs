@@ -4,25 +4,46 @@
 //! It finds the end of the data, removes dot-stuffing, enforces the line-ending,
 //! line-length and size policy, and pushes the stored body to a [`BodySink`].
 //!
-//! Speed comes from treating the common case as one long run: the input is
-//! searched with SIMD `memchr2` for CR/LF only, a CRLF not followed by a dot is
-//! part of the run (it is stored unchanged), and the whole run is pushed to the
-//! sink straight from the input slice with a single `extend_body` - there is no
-//! intermediate copy. Only the places that change the stored bytes (a removed
-//! stuffed dot, a bare CR or LF, the terminator) or a chunk boundary break a run,
-//! and those few bytes go through a tiny byte-at-a-time state machine. The
-//! state kept across calls is one enum plus two counters.
+//! Speed comes from treating the common case as one long run that is stored
+//! unchanged, straight from the input slice with a single `extend_body` (no
+//! intermediate copy). Three tiers find where a run must break:
+//!
+//! 1. The block path ([`block`]): 64 bytes at a time with SIMD (SSE2 on x86_64,
+//!    SWAR elsewhere) and no branch per byte or
+//!    per line, it proves a block *plain*: every CR is followed by an LF and
+//!    every LF preceded by a CR, and (DATA mode) no LF is followed by a dot.
+//!    Line length is bounded from above by whether a block holds an LF at all,
+//!    so only a line that may be near the limit leaves this path.
+//! 2. The line path (`run`): `memchr2` for CR/LF, one line at a time, for the
+//!    block that stopped tier 1 (at most 64 bytes) and the tail of a chunk.
+//! 3. A tiny byte-at-a-time state machine for the bytes that change what is
+//!    stored: a removed stuffed dot, a bare CR or LF, the terminator, and
+//!    anything split across `feed` calls.
+//!
+//! The state kept across calls is one enum plus two counters, so terminator,
+//! stuffed dots, CR and LF may straddle chunk boundaries.
 //!
 //! The semantics are defined by [`reference::decode`], a plain byte-at-a-time
-//! decoder; the tests, a proptest and a fuzz target check the scanner against it.
+//! decoder; the tests, proptests (with the SIMD and the portable block test)
+//! and a differential fuzz target check the scanner against it.
 
-use memchr::memchr2;
+use memchr::{memchr2, memrchr};
 use thiserror::Error;
 
 use crate::smtp::reply::Reply;
 
+mod block;
 #[doc(hidden)]
 pub mod reference;
+
+use block::{BlockTest, BLOCK};
+
+/// How far the line path may go after the block path stopped: the block that
+/// stopped it. Then the block path gets another chance.
+const LINE_PATH_WINDOW: usize = BLOCK;
+
+/// Longest run the block path stores in one piece (see `run_blocks`).
+const MAX_RUN: usize = 4096;
 
 /// What to do with a bare CR or bare LF (one not part of CRLF) in a message body.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -183,6 +204,16 @@ impl DataScanner {
     /// after the terminator and returns how many bytes it consumed (the rest is
     /// the next command, pipelined). In raw mode it consumes all.
     pub fn feed<S: BodySink + ?Sized>(&mut self, input: &[u8], sink: &mut S) -> usize {
+        self.feed_with::<block::Native, S>(input, sink)
+    }
+
+    /// [`feed`](Self::feed) with a chosen block test (the tests run the
+    /// portable one too).
+    fn feed_with<B: BlockTest, S: BodySink + ?Sized>(
+        &mut self,
+        input: &[u8],
+        sink: &mut S,
+    ) -> usize {
         let mut i = 0;
         while i < input.len() {
             let b = input[i];
@@ -202,7 +233,15 @@ impl DataScanner {
                         self.state = State::Mid;
                         i += 1;
                     }
-                    _ => i = self.run(input, i, sink),
+                    _ => {
+                        let next = self.run_blocks::<B, S>(input, i, sink);
+                        i = if next > i {
+                            next
+                        } else {
+                            let window = input.len().min(i + LINE_PATH_WINDOW);
+                            self.run(&input[..window], i, sink)
+                        };
+                    }
                 },
                 State::Cr | State::DotCr if b == b'\n' => {
                     if self.state == State::Cr {
@@ -238,7 +277,102 @@ impl DataScanner {
         }
     }
 
-    /// The fast path. Starting at `start` (a content byte in `Mid`/`LineStart`),
+    /// The block path. Starting at `start` (a content byte in `Mid`, or in
+    /// `LineStart` but not a dot), stores a run of whole plain blocks (see
+    /// [`block`]) in one piece and returns where it stopped, with the state
+    /// set for the byte there; returns `start` if not even one block qualifies.
+    ///
+    /// A run never holds a violation: it stops before a block that needs a
+    /// closer look, before a block in which a line could exceed the limit
+    /// (`since` is an upper bound on the octets since the last LF), and before
+    /// the size limit. Those blocks go to the exact line path, which reports
+    /// the first violation in stream order. After a violation nothing is
+    /// stored and only the bare CR/LF test still matters (for the size count
+    /// and the terminator).
+    #[inline]
+    fn run_blocks<B: BlockTest, S: BodySink + ?Sized>(
+        &mut self,
+        input: &[u8],
+        start: usize,
+        sink: &mut S,
+    ) -> usize {
+        let clean = self.error.is_none();
+        let max_line = if clean {
+            self.limits.max_line_length
+        } else {
+            usize::MAX
+        };
+        // The block test reads the byte after the block.
+        let mut end = input.len().saturating_sub(1);
+        if clean {
+            if let Some(max) = self.limits.max_size {
+                let budget = usize::try_from(max.saturating_sub(self.size)).unwrap_or(usize::MAX);
+                end = end.min(start.saturating_add(budget));
+            }
+        }
+        // Store in sub-runs that are still in L1 when they are copied
+        // (measured: ~12% faster than one copy per 64 KiB read).
+        let end = end.min(start.saturating_add(MAX_RUN));
+        let blocks = end.saturating_sub(start) / BLOCK;
+        if blocks == 0 {
+            return start;
+        }
+        // The blocks and the byte after the last: indexing below stays in
+        // bounds by construction, so the loop carries no bounds checks.
+        let region = &input[start..start + blocks * BLOCK + 1];
+        // Every line ending in the next block, and the one still open after
+        // it, has at most `since + BLOCK` octets: stop when that may be over.
+        let Some(since_limit) = max_line.checked_sub(BLOCK) else {
+            return start; // limits this small are checked line by line
+        };
+        let mut since = self.line_len;
+        let mut done = 0;
+        while done < blocks && since <= since_limit {
+            let at = done * BLOCK;
+            let window: &[u8; BLOCK + 1] = region[at..at + BLOCK + 1]
+                .try_into()
+                .expect("a block and one byte");
+            let flags = if self.dot {
+                B::test::<true>(window)
+            } else {
+                B::test::<false>(window)
+            };
+            if flags.needs_attention {
+                break;
+            }
+            since = if flags.has_lf {
+                BLOCK - 1
+            } else {
+                since + BLOCK
+            };
+            done += 1;
+        }
+        let mut pos = start + done * BLOCK;
+        if pos == start {
+            return start;
+        }
+        // Leave a final CR to the state machine (its LF is in the next block);
+        // after a final LF the next byte is at a line start.
+        let mut state = State::Mid;
+        match input[pos - 1] {
+            b'\r' => pos -= 1,
+            b'\n' => state = self.after_crlf(),
+            _ => {}
+        }
+        let run = &input[start..pos];
+        self.line_len = match memrchr(b'\n', run) {
+            Some(lf) => run.len() - lf - 1,
+            None => self.line_len + run.len(),
+        };
+        if clean {
+            sink.extend_body(run);
+        }
+        self.size += run.len() as u64;
+        self.state = state;
+        pos
+    }
+
+    /// The line path. Starting at `start` (a content byte in `Mid`/`LineStart`),
     /// extends a run over content bytes and CRLFs that need no change, pushes it
     /// in one piece and returns where it stopped: at a byte the state machine
     /// must look at (CR/LF that is not a plain CRLF, a line-start dot) or at the
@@ -403,8 +537,16 @@ mod tests {
     };
 
     /// Runs the scanner over `chunks` the way a session would and reports in
-    /// the reference's terms.
+    /// the reference's terms; the build's block test and the portable one
+    /// must agree.
     fn scan(mode: Mode, limits: DataLimits, chunks: &[&[u8]]) -> Reference {
+        let native = scan_with::<block::Native>(mode, limits, chunks);
+        let swar = scan_with::<block::Swar>(mode, limits, chunks);
+        assert_eq!(native, swar, "block tests disagree");
+        native
+    }
+
+    fn scan_with<B: BlockTest>(mode: Mode, limits: DataLimits, chunks: &[&[u8]]) -> Reference {
         let mut s = match mode {
             Mode::Dot => DataScanner::dot(limits),
             Mode::Raw => DataScanner::raw(limits),
@@ -412,7 +554,7 @@ mod tests {
         let mut body = Vec::new();
         let mut consumed = 0;
         for chunk in chunks {
-            let n = s.feed(chunk, &mut body);
+            let n = s.feed_with::<B, _>(chunk, &mut body);
             consumed += n;
             if s.is_finished() {
                 break;
@@ -751,8 +893,75 @@ mod tests {
             })
     }
 
+    /// Long bodies that are mostly plain lines, so the block path carries
+    /// most of them, with the rare bytes that make it stop: stuffed dots, bare
+    /// CR/LF (also at block edges), terminators, long lines.
+    fn long_body_strategy() -> impl Strategy<Value = Vec<u8>> {
+        let line = prop_oneof![
+            12 => (0usize..120).prop_map(|n| {
+                let mut l: Vec<u8> = (0..n).map(|i| b'a' + (i % 26) as u8).collect();
+                l.extend_from_slice(b"\r\n");
+                l
+            }),
+            1 => (900usize..1100).prop_map(|n| {
+                let mut l = vec![b'L'; n];
+                l.extend_from_slice(b"\r\n");
+                l
+            }),
+            1 => Just(b"..stuffed\r\n".to_vec()),
+            1 => Just(b".\r\n".to_vec()),
+            1 => Just(b"bare\nlf\r\n".to_vec()),
+            1 => Just(b"bare\rcr\r\n".to_vec()),
+            1 => Just(b"\r".to_vec()),
+            1 => Just(b"\n".to_vec()),
+            1 => Just(b".".to_vec()),
+        ];
+        proptest::collection::vec(line, 0..60).prop_map(|l| l.concat())
+    }
+
+    fn long_limits_strategy(len: usize) -> impl Strategy<Value = DataLimits> {
+        (
+            prop_oneof![Just(998), 60usize..200, 0usize..64],
+            prop_oneof![Just(None), (0..=len as u64 + 4).prop_map(Some),],
+            prop_oneof![
+                Just(LineEndingPolicy::Normalize),
+                Just(LineEndingPolicy::Reject)
+            ],
+        )
+            .prop_map(|(max_line_length, max_size, line_endings)| DataLimits {
+                max_line_length,
+                max_size,
+                line_endings,
+            })
+    }
+
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(2000))]
+        #![proptest_config(ProptestConfig::with_cases(600))]
+        #[test]
+        fn scanner_equals_reference_on_long_bodies(
+            (body, limits) in long_body_strategy()
+                .prop_flat_map(|b| { let n = b.len(); (Just(b), long_limits_strategy(n)) }),
+            cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..4),
+            raw in any::<bool>(),
+        ) {
+            let mode = if raw { Mode::Raw } else { Mode::Dot };
+            let mut points: Vec<usize> = cuts.iter().map(|c| c.index(body.len() + 1)).collect();
+            points.sort_unstable();
+            let mut chunks = Vec::new();
+            let mut last = 0;
+            for p in points {
+                chunks.push(&body[last..p]);
+                last = p;
+            }
+            chunks.push(&body[last..]);
+            let want = reference::decode(mode, &limits, &body);
+            let got = scan(mode, limits, &chunks);
+            prop_assert_eq!(got, want);
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1000))]
         #[test]
         fn scanner_equals_reference(
             body in body_strategy(),

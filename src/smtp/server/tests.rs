@@ -740,6 +740,27 @@ fn received_header_names_single_recipient_only() {
 }
 
 #[test]
+fn received_header_quotes_a_helo_that_is_not_a_host() {
+    for (helo, from) in [
+        ("client.example", "from client.example ([192.0.2.7])"),
+        ("[192.0.2.9]", "from [192.0.2.9] ([192.0.2.7])"),
+        ("a(b", "from [192.0.2.7] ([192.0.2.7] helo=a\\(b)"),
+        ("x;y)", "from [192.0.2.7] ([192.0.2.7] helo=x;y\\))"),
+    ] {
+        let mut h = Harness::new();
+        h.greeting();
+        h.send(format!("EHLO {helo}\r\n").as_bytes());
+        h.send(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nDATA\r\n");
+        h.send(b"x\r\n.\r\n");
+        let hdr = h.stored[0].received_header("mx.example", "ID1", "date");
+        assert!(
+            hdr.starts_with(&format!("Received: {from}\r\n")),
+            "{helo}: {hdr}"
+        );
+    }
+}
+
+#[test]
 fn eof_mid_data_stores_nothing() {
     let mut h = Harness::new();
     h.ehlo();
@@ -749,4 +770,157 @@ fn eof_mid_data_stores_nothing() {
     h.s.handle_eof(h.now);
     assert!(h.s.is_closed());
     assert!(h.stored.is_empty());
+}
+
+#[test]
+fn smuggling_variants_never_end_data_in_a_session() {
+    // Each variant is followed by a pipelined "second message"; if the variant
+    // ended the data, that text would run as commands and be stored on its own.
+    let variants: &[&[u8]] = &[
+        b"\n.\n",
+        b"\n.\r\n",
+        b"\r\n.\n",
+        b"\r.\r",
+        b"\r.\r\n",
+        b"\r\n.\r",
+        b"\r\n\0.\r\n",
+    ];
+    for variant in variants {
+        let name = String::from_utf8_lossy(variant).escape_debug().to_string();
+        let mut h = Harness::new();
+        h.ehlo();
+        h.send(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\n");
+        assert!(h.send(b"DATA\r\n").starts_with("354 "), "{name}");
+        let mut body = b"Subject: x\r\n\r\nhello".to_vec();
+        body.extend_from_slice(variant);
+        body.extend_from_slice(
+            b"MAIL FROM:<evil@x.example>\r\nRCPT TO:<victim@y.example>\r\nDATA\r\nsmuggled\r\n.\r\n",
+        );
+        let r = h.send(&body);
+        assert_eq!(codes(&r), ["250"], "{name}: {r}");
+        assert_eq!(h.stored.len(), 1, "{name}");
+        let stored = &h.stored[0];
+        assert_eq!(stored.recipients.len(), 1, "{name}");
+        let text = String::from_utf8_lossy(&stored.body);
+        assert!(
+            text.contains("MAIL FROM:<evil@x.example>") && text.ends_with("smuggled\r\n"),
+            "{name}: the smuggled text must stay in the first message: {text:?}"
+        );
+    }
+}
+
+#[test]
+fn a_state_waiting_for_the_driver_consumes_nothing() {
+    let now = Instant::now();
+    let peer = PeerInfo::plain("192.0.2.7:40000".parse().unwrap());
+    let mut s = Session::new(Arc::new(SessionConfig::default()), peer, now);
+    let mut out = Vec::new();
+    s.write_output(&mut out);
+    let ehlo = b"EHLO x\r\n";
+    assert_eq!(s.handle_input(now, ehlo), ehlo.len());
+    let mail = b"MAIL FROM:<a@b.example>\r\n";
+    let rcpt1 = b"RCPT TO:<c@d.example>\r\n";
+    let rest = b"RCPT TO:<e@d.example>\r\nNOOP\r\n";
+    let batch = [&mail[..], rcpt1, rest].concat();
+    // Everything up to the first RCPT is taken, then the session waits.
+    let n = s.handle_input(now, &batch);
+    assert_eq!(n, mail.len() + rcpt1.len());
+    assert!(matches!(s.poll_event(), Some(Event::CheckRecipient { .. })));
+    assert!(!s.wants_input());
+    assert_eq!(
+        s.handle_input(now, &batch[n..]),
+        0,
+        "no input while waiting"
+    );
+    s.answer_recipient(now, Ok(()));
+    assert!(s.wants_input());
+    let m = s.handle_input(now, &batch[n..]);
+    assert_eq!(m, b"RCPT TO:<e@d.example>\r\n".len());
+    assert_eq!(s.handle_input(now, &batch[n + m..]), 0);
+    s.answer_recipient(now, Ok(()));
+    assert_eq!(s.handle_input(now, &batch[n + m..]), b"NOOP\r\n".len());
+    out.clear();
+    s.write_output(&mut out);
+    let out = String::from_utf8(out).unwrap();
+    assert_eq!(codes(&out), ["250", "250", "250", "250", "250"], "{out}");
+}
+
+#[test]
+fn command_line_limit_is_exact_and_configurable() {
+    for limit in [512usize, 64] {
+        let cfg = SessionConfig {
+            max_command_line: limit,
+            ..Default::default()
+        };
+        let mut h = Harness::with(cfg, false);
+        h.ehlo();
+        let line = |len: usize| {
+            let mut l = b"NOOP ".to_vec();
+            l.resize(len - 2, b'x');
+            l.extend_from_slice(b"\r\n");
+            l
+        };
+        assert_eq!(h.send(&line(limit)), "250 2.0.0 Ok\r\n", "limit {limit}");
+        let r = h.send(&line(limit + 1));
+        assert_eq!(
+            r,
+            format!("500 5.5.2 Error: command line too long (limit {limit} octets)\r\n")
+        );
+        // Split across reads, still counted as one line.
+        let long = line(limit + 1);
+        let (a, b) = long.split_at(limit / 2);
+        assert_eq!(h.send(a), "");
+        assert!(h.send(b).starts_with("500 5.5.2 "));
+        assert_eq!(h.send(b"NOOP\r\n"), "250 2.0.0 Ok\r\n", "session goes on");
+    }
+}
+
+#[test]
+fn defaults_are_the_documented_ones() {
+    let c = SessionConfig::default();
+    assert_eq!(c.max_command_line, 512);
+    assert_eq!(c.max_recipients, 1000);
+    assert_eq!(c.max_errors, 20);
+    assert_eq!(c.max_line_length, 998);
+    assert_eq!(c.line_endings, LineEndingPolicy::Normalize);
+    assert_eq!(c.command_timeout, Duration::from_secs(300));
+    assert_eq!(c.data_timeout, Duration::from_secs(180));
+    let d = crate::smtp::data::DataLimits::default();
+    assert_eq!(d.max_line_length, 998);
+    assert_eq!(d.line_endings, LineEndingPolicy::Normalize);
+}
+
+#[test]
+fn data_phase_rejections_carry_matching_enhanced_codes() {
+    let cfg = SessionConfig {
+        max_message_size: 100,
+        max_line_length: 50,
+        line_endings: LineEndingPolicy::Reject,
+        max_errors: 6,
+        ..Default::default()
+    };
+    let mut h = Harness::with(cfg, false);
+    h.ehlo();
+    let mut out = String::new();
+    let tx = b"MAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\n";
+    for body in [
+        vec![b'x'; 200],      // too big: 552 5.3.4
+        [b'y'; 60].to_vec(),  // line too long: 550 5.6.0
+        b"bare\nlf".to_vec(), // bare LF under reject: 550 5.6.0
+    ] {
+        out += &h.send(tx);
+        out += &h.send(b"DATA\r\n");
+        let mut b = body;
+        b.extend_from_slice(b"\r\n.\r\n");
+        out += &h.send(&b);
+    }
+    out += &h.send(b"MAIL FROM:<a@b.example> SIZE=101\r\n");
+    out += &h.send(b"FOO\r\nBAR\r\nBAZ\r\n");
+    let codes_seen = codes(&out);
+    for want in ["552", "550", "421"] {
+        assert!(codes_seen.contains(&want), "{want} missing: {out}");
+    }
+    assert!(h.s.is_closed());
+    assert!(h.stored.is_empty());
+    assert_enhanced(&out);
 }
