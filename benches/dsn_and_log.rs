@@ -40,6 +40,7 @@ fn envelope(ret_full: bool) -> Envelope {
                 at_ms: 1_709_251_000_000,
                 reply: "550 5.1.1 <bob@example.net>: Recipient address rejected".into(),
             },
+            remote_mta: None,
         }],
         received_at_ms: 1_709_250_000_000,
         size: 0,

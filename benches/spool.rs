@@ -36,6 +36,7 @@ fn envelope(id: SpoolId, size: u64) -> Envelope {
             notify: None,
             orcpt: None,
             state: RecipientState::Pending,
+            remote_mta: None,
         }],
         received_at_ms: id.timestamp_ms(),
         size,

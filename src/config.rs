@@ -65,8 +65,10 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// `[dns]`: resolver settings for delivery.
     pub dns: DnsConfig,
-    /// `[delivery]`: outbound settings (a later issue).
+    /// `[delivery]`: queues, outbound connections, retries, bounces.
     pub delivery: DeliveryConfig,
+    /// `[log]`: the accounting log.
+    pub log: LogConfig,
     /// `[[route]]`: static routes that override MX lookups.
     #[serde(rename = "route", skip_serializing_if = "Vec::is_empty")]
     pub routes: Vec<RouteConfig>,
@@ -209,12 +211,30 @@ impl RelayConfig {
 pub struct SpoolConfig {
     /// Directory of the sled database.
     pub path: PathBuf,
+    /// Octets that must stay free on the spool's file system; below that new
+    /// messages get `452 4.3.1`. 0 disables the check.
+    pub min_free_space: u64,
+    /// Seconds a spool flush may take before its messages get `452 4.3.1`
+    /// and new ones are refused until it completes.
+    pub flush_timeout: u64,
 }
 
 impl Default for SpoolConfig {
     fn default() -> Self {
         SpoolConfig {
             path: PathBuf::from("./sluice-spool"),
+            min_free_space: 256 * 1024 * 1024,
+            flush_timeout: 10,
+        }
+    }
+}
+
+impl SpoolConfig {
+    /// The spool's runtime options.
+    pub fn options(&self) -> crate::spool::SpoolOptions {
+        crate::spool::SpoolOptions {
+            min_free_space: self.min_free_space,
+            flush_timeout: Duration::from_secs(self.flush_timeout),
         }
     }
 }
@@ -354,18 +374,161 @@ impl IpOrder {
     }
 }
 
-/// `[delivery]` (a later issue).
+/// `[delivery]`: the outbound side (queues, connections, retries, bounces).
+///
+/// Durations are whole seconds, like the rest of the file; tests use 1 s
+/// retry intervals and a few seconds of `max_age`, which whole seconds cover.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct DeliveryConfig {
-    /// TCP port of remote MX hosts.
+    /// Deliver at all. `false` accepts and spools only (maintenance, or a
+    /// hold queue while the outbound path is being fixed); nothing is lost,
+    /// delivery resumes when it is turned back on and the server restarts.
+    pub enabled: bool,
+    /// TCP port of remote MX hosts (routes name their own ports).
     pub port: u16,
+    /// Outbound connections per destination domain, on its owning shard.
+    pub max_connections: usize,
+    /// Messages one connection carries (RSET between) before it QUITs.
+    pub max_messages_per_connection: usize,
+    /// Recipients of one message batched into one transaction.
+    pub max_recipients_per_transaction: usize,
+    /// Seconds an unused pooled connection stays open waiting for work.
+    pub idle_timeout: u64,
+    /// Seconds for the TCP connect to one host.
+    pub connect_timeout: u64,
+    /// Seconds for the 220 greeting (RFC 5321 4.5.3.2.1: 5 minutes).
+    pub greeting_timeout: u64,
+    /// Seconds for the EHLO/HELO reply (same as the greeting's).
+    pub helo_timeout: u64,
+    /// Seconds for the MAIL reply (RFC 5321 4.5.3.2.2: 5 minutes).
+    pub mail_timeout: u64,
+    /// Seconds for each RCPT reply (RFC 5321 4.5.3.2.3: 5 minutes).
+    pub rcpt_timeout: u64,
+    /// Seconds for the 354 after DATA (RFC 5321 4.5.3.2.4: 2 minutes).
+    pub data_timeout: u64,
+    /// Seconds for each block of the body to be taken by the server
+    /// (RFC 5321 4.5.3.2.5: 3 minutes).
+    pub data_block_timeout: u64,
+    /// Seconds for the reply to the final dot or last BDAT chunk
+    /// (RFC 5321 4.5.3.2.6: 10 minutes).
+    pub data_end_timeout: u64,
+    /// Seconds for RSET and QUIT replies (not in RFC 5321; Postfix uses 20 s
+    /// for RSET: a server that cannot answer RSET quickly is not worth reusing).
+    pub rset_timeout: u64,
+    /// Seconds before the first retry of a deferred recipient.
+    pub retry_initial: u64,
+    /// Longest gap between retries; the interval doubles up to this.
+    pub retry_max: u64,
+    /// Random spread of each retry interval: 0.2 = up to 20 % either way, so
+    /// a burst deferred together does not come back together.
+    pub retry_jitter: f64,
+    /// Seconds after reception when a still-deferred recipient fails with
+    /// `4.4.7` and is bounced.
+    pub max_age: u64,
+    /// With `RET=FULL`, bounces return the whole original message only up
+    /// to this many octets; beyond it only its headers.
+    pub bounce_size_limit: usize,
 }
 
 impl Default for DeliveryConfig {
     fn default() -> Self {
-        DeliveryConfig { port: 25 }
+        DeliveryConfig {
+            enabled: true,
+            port: 25,
+            max_connections: 32,
+            max_messages_per_connection: 1000,
+            max_recipients_per_transaction: 100,
+            idle_timeout: 30,
+            connect_timeout: 30,
+            greeting_timeout: 300,
+            helo_timeout: 300,
+            mail_timeout: 300,
+            rcpt_timeout: 300,
+            data_timeout: 120,
+            data_block_timeout: 180,
+            data_end_timeout: 600,
+            rset_timeout: 20,
+            retry_initial: 300,
+            retry_max: 4 * 3600,
+            retry_jitter: 0.2,
+            max_age: 5 * 24 * 3600,
+            bounce_size_limit: 50_000,
+        }
     }
+}
+
+impl DeliveryConfig {
+    /// `idle_timeout` as a duration.
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.idle_timeout)
+    }
+    /// `connect_timeout` as a duration.
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_secs(self.connect_timeout)
+    }
+    /// `retry_initial` as a duration.
+    pub fn retry_initial(&self) -> Duration {
+        Duration::from_secs(self.retry_initial)
+    }
+    /// `retry_max` as a duration.
+    pub fn retry_max(&self) -> Duration {
+        Duration::from_secs(self.retry_max)
+    }
+    /// `max_age` as a duration.
+    pub fn max_age(&self) -> Duration {
+        Duration::from_secs(self.max_age)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
+        if self.port == 0 {
+            return bad("delivery.port must not be 0");
+        }
+        if self.max_connections == 0
+            || self.max_messages_per_connection == 0
+            || self.max_recipients_per_transaction == 0
+        {
+            return bad("delivery.max_connections, max_messages_per_connection and max_recipients_per_transaction must be positive");
+        }
+        if self.max_recipients_per_transaction > u16::MAX as usize {
+            return bad("delivery.max_recipients_per_transaction must be at most 65535");
+        }
+        if [
+            self.connect_timeout,
+            self.greeting_timeout,
+            self.helo_timeout,
+            self.mail_timeout,
+            self.rcpt_timeout,
+            self.data_timeout,
+            self.data_block_timeout,
+            self.data_end_timeout,
+            self.rset_timeout,
+        ]
+        .contains(&0)
+        {
+            return bad("delivery timeouts must be positive");
+        }
+        if self.retry_initial == 0 || self.retry_max < self.retry_initial {
+            return bad("delivery.retry_initial must be positive and at most retry_max");
+        }
+        if !(0.0..=1.0).contains(&self.retry_jitter) {
+            return bad("delivery.retry_jitter must be between 0 and 1");
+        }
+        if self.max_age == 0 {
+            return bad("delivery.max_age must be positive");
+        }
+        Ok(())
+    }
+}
+
+/// `[log]`: the accounting log.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// JSON-lines file of every reception, delivery, deferral and bounce
+    /// (appended; rotate with copytruncate or a restart). Empty = off.
+    pub accounting_file: PathBuf,
 }
 
 /// One `[[route]]`: mail for `domain` goes to `hosts` instead of the
@@ -593,6 +756,10 @@ impl Config {
         }
         if self.spool.path.as_os_str().is_empty() {
             return bad("spool.path must not be empty");
+        }
+        self.delivery.validate()?;
+        if self.spool.flush_timeout == 0 {
+            return bad("spool.flush_timeout must be positive");
         }
         self.dns.validate()?;
         let mut seen = std::collections::HashSet::new();

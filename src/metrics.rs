@@ -51,7 +51,22 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
         1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0, 4194304.0, 16777216.0, 67108864.0,
     ];
     let batch = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
+    // Time in the queue spans milliseconds (delivered at once) to days
+    // (retried until max_age).
+    let queue_time = [
+        0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0,
+        432000.0,
+    ];
+    let per_connection = [
+        1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0,
+    ];
     let handle = PrometheusBuilder::new()
+        // Full matchers are checked before suffix ones.
+        .set_buckets_for_metric(
+            Matcher::Full(crate::delivery::metrics::QUEUE_TIME.into()),
+            &queue_time,
+        )?
+        .set_buckets_for_metric(Matcher::Suffix("_per_connection".into()), &per_connection)?
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &seconds)?
         .set_buckets_for_metric(Matcher::Suffix("_bytes".into()), &bytes)?
         .set_buckets_for_metric(Matcher::Suffix("batch_size".into()), &batch)?

@@ -309,6 +309,7 @@ impl Dsn {
                 notify: None,
                 orcpt: None,
                 state: RecipientState::Pending,
+                remote_mta: None,
             }],
             received_at_ms,
             size: self.message.len() as u64,

@@ -2,7 +2,17 @@
 //! outbound connections driven by the sans-IO [`crate::smtp::client`] core,
 //! retry with backoff, and RFC 3464 bounces.
 
+pub mod accounting;
+pub mod backoff;
 pub mod dns;
 pub mod dsn;
+pub mod engine;
+mod home;
 pub mod log;
+pub mod metrics;
+pub mod notify;
+mod owner;
+pub mod plan;
+pub mod queue;
 pub mod route;
+mod worker;

@@ -5,6 +5,7 @@
 //! panics on bad input from the operator.
 
 mod api;
+mod buffers;
 pub mod date;
 pub mod limits;
 pub mod queue;
@@ -20,6 +21,11 @@ use std::time::Duration;
 use glommio::{LocalExecutorBuilder, Placement};
 
 use crate::config::Config;
+use crate::delivery::accounting::Accounting;
+use crate::delivery::dns::Resolver;
+use crate::delivery::engine::DeliveryShared;
+use crate::delivery::log::EventLog;
+use crate::delivery::route::Routes;
 use api::{SessionConfig, Spool};
 
 /// A startup failure, rendered as one line for the operator.
@@ -55,12 +61,25 @@ pub fn shard_for(domain: &str, shards: usize) -> usize {
 }
 
 /// Locked-memory limit of this process in octets (`None` = unlimited or
-/// unknown), read from `/proc/self/limits` so no unsafe `getrlimit` is needed.
+/// unknown).
 fn memlock_limit() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/self/limits").ok()?;
-    let line = text.lines().find(|l| l.starts_with("Max locked memory"))?;
-    let soft = line.split_whitespace().nth(3)?;
-    soft.parse().ok()
+    let (soft, _) = rlimit::Resource::MEMLOCK.get().ok()?;
+    (soft != rlimit::INFINITY).then_some(soft)
+}
+
+/// File descriptors beyond the SMTP connections: spool files, io_uring rings
+/// and eventfds per shard, the admin endpoint, its clients.
+const FD_HEADROOM: u64 = 256;
+
+/// Every connection is a file descriptor, and the usual soft limit (1024)
+/// is far below `max_connections`: raise the soft RLIMIT_NOFILE to the hard
+/// limit (allowed without privileges). Returns the soft limit in force.
+fn raise_nofile_limit() -> Option<u64> {
+    let (soft, hard) = rlimit::Resource::NOFILE.get().ok()?;
+    if soft < hard && rlimit::Resource::NOFILE.set(hard, hard).is_ok() {
+        return Some(hard);
+    }
+    Some(soft)
 }
 
 /// glommio refuses to start a reactor below this limit.
@@ -107,6 +126,45 @@ fn probe_listen(addr: SocketAddr) -> Result<(SocketAddr, Option<socket2::Socket>
     Ok((bound, Some(sock)))
 }
 
+/// The delivery pieces every shard shares: mesh, resolver thread, routes,
+/// accounting log, queue snapshot.
+fn delivery_shared(
+    config: &Arc<Config>,
+    spool: &Spool,
+    shards: usize,
+    not_before: Option<crate::spool::SpoolId>,
+    partitions: Vec<u16>,
+) -> Result<DeliveryShared, StartupError> {
+    let resolver = Resolver::new(&config.dns)
+        .map_err(|e| StartupError(format!("cannot start the DNS resolver: {e}")))?;
+    let file = &config.log.accounting_file;
+    let log = if file.as_os_str().is_empty() {
+        Accounting::disabled()
+    } else {
+        let log = EventLog::open(file).map_err(|e| {
+            resolver.stop();
+            StartupError(format!(
+                "cannot open accounting log {}: {e}",
+                file.display()
+            ))
+        })?;
+        Accounting::new(log)
+    };
+    Ok(DeliveryShared {
+        config: Arc::clone(config),
+        spool: spool.clone(),
+        mesh: DeliveryShared::mesh_for(shards, config.delivery.enabled),
+        executor_ids: Arc::new(std::sync::Mutex::new(vec![None; shards])),
+        resolver,
+        routes: Routes::from_config(config),
+        log,
+        snapshot: Arc::new(std::sync::Mutex::new(Vec::new())),
+        not_before,
+        partitions,
+        in_flight: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+    })
+}
+
 /// Runs the server until SIGTERM/SIGINT; returns once every shard has
 /// drained and the spool is flushed.
 pub fn serve(config: Config, options: ServeOptions) -> Result<(), StartupError> {
@@ -131,6 +189,21 @@ pub fn serve(config: Config, options: ServeOptions) -> Result<(), StartupError> 
         }
     }
 
+    if let Some(nofile) = raise_nofile_limit() {
+        let wanted = config.server.max_connections as u64 + FD_HEADROOM;
+        if nofile < wanted {
+            tracing::warn!(
+                nofile,
+                wanted,
+                "RLIMIT_NOFILE (hard limit) is below server.max_connections plus headroom: \
+                 accepts will fail with EMFILE before max_connections is reached \
+                 (raise it: ulimit -Hn, systemd LimitNOFILE=)"
+            );
+        } else {
+            tracing::debug!(nofile, "file descriptor limit");
+        }
+    }
+
     let mut listen = Vec::new();
     let mut probes = Vec::new();
     for &addr in &config.server.listen {
@@ -142,7 +215,7 @@ pub fn serve(config: Config, options: ServeOptions) -> Result<(), StartupError> 
     }
 
     let spool_path = &config.spool.path;
-    let spool = Spool::open(spool_path).map_err(|e| {
+    let spool = Spool::open_with(spool_path, config.spool.options()).map_err(|e| {
         StartupError(format!(
             "cannot open spool at {}: {e}",
             spool_path.display()
@@ -154,6 +227,14 @@ pub fn serve(config: Config, options: ServeOptions) -> Result<(), StartupError> 
             spool_path.display()
         ))
     })?;
+
+    let partitions = spool.partitions().map_err(|e| {
+        StartupError(format!(
+            "cannot read spool at {}: {e}",
+            spool_path.display()
+        ))
+    })?;
+    let delivery = delivery_shared(&config, &spool, shards, not_before, partitions)?;
 
     let metrics_addr = if config.metrics.enabled {
         let listener = std::net::TcpListener::bind(config.metrics.listen).map_err(|e| {
@@ -168,10 +249,11 @@ pub fn serve(config: Config, options: ServeOptions) -> Result<(), StartupError> 
         let handle = crate::metrics::install()
             .map_err(|e| StartupError(format!("cannot install metrics recorder: {e}")))?;
         let q = spool.clone();
+        let snapshot = Arc::clone(&delivery.snapshot);
         crate::metrics::serve(
             listener,
             handle,
-            Arc::new(move |limit| queue::render(&q, limit)),
+            Arc::new(move |limit| queue::render(&q, limit, Some(&snapshot))),
         )
         .map_err(|e| StartupError(format!("cannot start admin thread: {e}")))?;
         Some(bound)
@@ -180,6 +262,8 @@ pub fn serve(config: Config, options: ServeOptions) -> Result<(), StartupError> 
     };
 
     let stop = Arc::new(AtomicBool::new(false));
+    // Shards still finishing their sessions after a stop; see `shard::run`.
+    let draining = Arc::new(std::sync::atomic::AtomicUsize::new(shards));
     let signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,
@@ -201,6 +285,8 @@ pub fn serve(config: Config, options: ServeOptions) -> Result<(), StartupError> 
         let (tx, rx) = std::sync::mpsc::channel();
         let spec = shard::ShardSpec {
             index,
+            shards,
+            delivery: delivery.clone(),
             listen: listen.clone(),
             config: Arc::clone(&config),
             session_config: Arc::clone(&session_config),
@@ -208,6 +294,7 @@ pub fn serve(config: Config, options: ServeOptions) -> Result<(), StartupError> 
             not_before,
             limiter: Arc::clone(&limiter),
             stop: Arc::clone(&stop),
+            draining: Arc::clone(&draining),
             ready: tx,
         };
         let placement = if shards <= cores {
@@ -249,6 +336,9 @@ pub fn serve(config: Config, options: ServeOptions) -> Result<(), StartupError> 
     drop(probes);
     if let Err(e) = startup {
         stop.store(true, Ordering::Release);
+        delivery.resolver.stop();
+        // Some shards never ran; nobody waits for the others to drain.
+        draining.store(0, Ordering::Release);
         let mut detail = None;
         for h in handles {
             if let Err(join_err) = h.join() {
@@ -294,6 +384,10 @@ pub fn serve(config: Config, options: ServeOptions) -> Result<(), StartupError> 
         if let Err(e) = h.join() {
             tracing::error!(error = %e, "shard ended with an error");
         }
+    }
+    delivery.resolver.stop();
+    if !delivery.log.sync(Duration::from_secs(5)) {
+        tracing::warn!("accounting log not fully written at exit");
     }
     if let Err(e) = spool.flush_blocking() {
         return fail(format!("final spool flush failed: {e}"));

@@ -10,20 +10,24 @@ use std::rc::Rc;
 use std::time::{Instant, SystemTime};
 
 use futures_lite::future;
-use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use futures_lite::AsyncWriteExt;
 use glommio::net::TcpStream;
 
 use super::api::{
     BodyType, Envelope, Event, ForwardPath, IncomingMessage, MailFrom, PeerInfo, RcptTo, Recipient,
     RecipientState, Ret, ReversePath, Session, SpoolId, Stage,
 };
+use super::buffers::{read_pooled, Loan};
 use super::date;
 use super::shard::ShardCtx;
 use crate::smtp::{EnhancedCode, Reply};
 
+/// The reply buffer keeps at most this capacity between writes.
+const OUT_KEEP: usize = 16 * 1024;
+
 /// What woke the driver while it waited for input.
-enum Wake {
-    Read(std::io::Result<usize>),
+enum Wake<'a> {
+    Read(std::io::Result<(Loan<'a>, usize)>),
     Timer,
     Shutdown,
 }
@@ -43,10 +47,9 @@ pub(crate) async fn drive(mut stream: TcpStream, peer: SocketAddr, ctx: Rc<Shard
         },
         started,
     );
-    // Memory per session is this buffer plus the session's own line buffer,
-    // whatever the client sends.
-    let mut buf = vec![0u8; ctx.read_buffer_size];
-    let mut out = Vec::with_capacity(1024);
+    // No read buffer of our own: one is lent by the shard's pool while input
+    // is processed (see `buffers`), so an idle session costs little.
+    let mut out = Vec::new();
     let mut shutdown_seen = false;
     let mut eof = false;
 
@@ -64,6 +67,10 @@ pub(crate) async fn drive(mut stream: TcpStream, peer: SocketAddr, ctx: Rc<Shard
                 break;
             }
             out.clear();
+            if out.capacity() > OUT_KEEP {
+                // A long pipelined batch grew it; do not keep that per session.
+                out = Vec::new();
+            }
         }
         if session.is_closed() || eof {
             break;
@@ -81,7 +88,7 @@ pub(crate) async fn drive(mut stream: TcpStream, peer: SocketAddr, ctx: Rc<Shard
         }
         let wake_at = session.poll_timeout().map_or(deadline, |t| t.min(deadline));
         let wake = {
-            let read = async { Wake::Read(stream.read(&mut buf).await) };
+            let read = async { Wake::Read(read_pooled(&mut stream, &ctx.buffers).await) };
             let timer = async {
                 glommio::timer::sleep(wake_at.saturating_duration_since(Instant::now())).await;
                 Wake::Timer
@@ -100,16 +107,16 @@ pub(crate) async fn drive(mut stream: TcpStream, peer: SocketAddr, ctx: Rc<Shard
             future::or(read, future::or(timer, stop)).await
         };
         match &wake {
-            Wake::Read(r) => tracing::trace!(read = ?r, "woke: read"),
+            Wake::Read(r) => tracing::trace!(read = ?r.as_ref().map(|(_, n)| *n), "woke: read"),
             Wake::Timer => tracing::trace!("woke: timer"),
             Wake::Shutdown => tracing::trace!("woke: shutdown"),
         }
         match wake {
-            Wake::Read(Ok(0)) | Wake::Read(Err(_)) => {
+            Wake::Read(Ok((_, 0))) | Wake::Read(Err(_)) => {
                 session.handle_eof(Instant::now());
                 eof = true;
             }
-            Wake::Read(Ok(n)) => {
+            Wake::Read(Ok((buf, n))) => {
                 ctx.metrics.bytes_received.increment(n as u64);
                 feed(&mut session, &mut stream, &mut out, &ctx, peer, &buf[..n]).await;
             }
@@ -224,18 +231,23 @@ async fn store(ctx: &Rc<ShardCtx>, msg: &IncomingMessage) -> Result<String, Repl
     let id = ctx.ids.borrow_mut().next(now_ms);
     let id_text = id.to_string();
     let received = msg.received_header(&ctx.hostname, &id_text, &date::rfc5322(now));
-    let mut body = Vec::with_capacity(received.len() + msg.body.len());
-    body.extend_from_slice(received.as_bytes());
-    body.extend_from_slice(&msg.body);
-    let envelope = envelope(id, msg, now_ms, body.len() as u64, &ctx.hostname);
-    match ctx.partition.store(&envelope, &body).await {
+    // The trace header goes in front of the body as the spool writes it:
+    // no copy of the body here.
+    let size = received.len() + msg.body.len();
+    let envelope = envelope(id, msg, now_ms, size as u64, &ctx.hostname);
+    match ctx
+        .partition
+        .store_parts(&envelope, &[received.as_bytes(), &msg.body])
+        .await
+    {
         Ok(()) => {
             ctx.metrics.messages_accepted.increment(1);
-            ctx.metrics.message_size.record(body.len() as f64);
+            ctx.metrics.message_size.record(size as f64);
             ctx.metrics
                 .store_latency
                 .record(started.elapsed().as_secs_f64());
-            tracing::info!(id = %id_text, size = body.len(), rcpts = envelope.recipients.len(), "queued");
+            tracing::info!(id = %id_text, size, rcpts = envelope.recipients.len(), "queued");
+            ctx.delivery.accepted(ctx.partition.shard(), &envelope);
             Ok(id_text)
         }
         Err(e) => {
@@ -271,6 +283,7 @@ fn envelope(id: SpoolId, msg: &IncomingMessage, now_ms: u64, size: u64, host: &s
                     .as_ref()
                     .map(|o| format!("{};{}", o.addr_type, o.address)),
                 state: RecipientState::Pending,
+                remote_mta: None,
             })
             .collect(),
         received_at_ms: now_ms,

@@ -6,7 +6,7 @@
 use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,11 +18,14 @@ use tracing::Instrument;
 use super::api::{Partition, SessionConfig, Spool, SpoolId, SpoolIdGenerator};
 use super::limits::ConnectionLimiter;
 use crate::config::{Config, RelayConfig};
+use crate::delivery::engine::{DeliveryShared, Engine};
 use crate::metrics::ShardMetrics;
 
 /// Everything a shard needs, built on the main thread and moved to the shard.
 pub(crate) struct ShardSpec {
     pub index: usize,
+    pub shards: usize,
+    pub delivery: DeliveryShared,
     pub listen: Vec<SocketAddr>,
     pub config: Arc<Config>,
     pub session_config: Arc<SessionConfig>,
@@ -30,6 +33,8 @@ pub(crate) struct ShardSpec {
     pub not_before: Option<SpoolId>,
     pub limiter: Arc<ConnectionLimiter>,
     pub stop: Arc<AtomicBool>,
+    /// Shards that have not finished draining; each decrements it once.
+    pub draining: Arc<AtomicUsize>,
     pub ready: std::sync::mpsc::Sender<Result<(), String>>,
 }
 
@@ -40,9 +45,12 @@ pub(crate) struct ShardCtx {
     pub session_config: Arc<SessionConfig>,
     pub relay: RelayConfig,
     pub partition: Partition,
-    pub ids: RefCell<SpoolIdGenerator>,
+    pub ids: Rc<RefCell<SpoolIdGenerator>>,
+    /// Delivery: queues accepted mail, applies outcomes (see `crate::delivery`).
+    pub delivery: Rc<Engine>,
     pub metrics: ShardMetrics,
-    pub read_buffer_size: usize,
+    /// Read buffers, lent to sessions only while they process input.
+    pub buffers: super::buffers::BufferPool,
     pub session_timeout: Duration,
     /// Closed (never signalled) at shutdown: every waiter wakes with an error.
     pub shutdown: Semaphore,
@@ -68,6 +76,8 @@ const STOP_POLL: Duration = Duration::from_millis(50);
 pub(crate) async fn run(spec: ShardSpec) {
     let ShardSpec {
         index,
+        shards,
+        delivery,
         listen,
         config,
         session_config,
@@ -75,6 +85,7 @@ pub(crate) async fn run(spec: ShardSpec) {
         not_before,
         limiter,
         stop,
+        draining,
         ready,
     } = spec;
     let mut listeners = Vec::with_capacity(listen.len());
@@ -94,15 +105,33 @@ pub(crate) async fn run(spec: ShardSpec) {
             return;
         }
     };
+    let ids = Rc::new(RefCell::new(SpoolIdGenerator::new(index as u8, not_before)));
+    let engine = match Engine::start(
+        delivery,
+        index,
+        shards,
+        partition.clone(),
+        Rc::clone(&ids),
+        Arc::clone(&stop),
+    )
+    .await
+    {
+        Ok(e) => e,
+        Err(msg) => {
+            let _ = ready.send(Err(msg));
+            return;
+        }
+    };
     let ctx = Rc::new(ShardCtx {
         index,
         hostname: config.server.hostname.clone(),
         session_config,
         relay: config.relay.clone(),
         partition,
-        ids: RefCell::new(SpoolIdGenerator::new(index as u8, not_before)),
+        ids,
+        delivery: Rc::clone(&engine),
         metrics: ShardMetrics::new(index),
-        read_buffer_size: config.server.read_buffer_size,
+        buffers: super::buffers::BufferPool::new(config.server.read_buffer_size),
         session_timeout: config.server.session_timeout(),
         shutdown: Semaphore::new(0),
         shutting_down: Cell::new(false),
@@ -116,13 +145,20 @@ pub(crate) async fn run(spec: ShardSpec) {
     }
     let _ = ready.send(Ok(()));
     drop(ready);
+    // Messages spooled before this start are queued again in the background
+    // while new mail is accepted.
+    glommio::spawn_local(Rc::clone(&engine).rebuild()).detach();
 
     while !stop.load(Ordering::Acquire) {
         glommio::timer::sleep(STOP_POLL).await;
     }
     tracing::info!(shard = index, "shutting down");
+    let grace_end = std::time::Instant::now() + config.server.shutdown_grace();
     ctx.shutting_down.set(true);
     ctx.shutdown.close();
+    // Delivery takes no new work; transactions in flight finish (or are
+    // cut at the end of the grace period and retried after a restart).
+    engine.begin_shutdown();
     // Wait for the last session (it signals `drained`) or the grace period,
     // whichever comes first; no polling timers here.
     if ctx.active.get() > 0 {
@@ -141,13 +177,30 @@ pub(crate) async fn run(spec: ShardSpec) {
             "grace period over; closing remaining sessions"
         );
     }
+    if !engine.drain(grace_end).await {
+        tracing::warn!(
+            shard = index,
+            "grace period over; abandoning outbound transactions (retried after restart)"
+        );
+    }
+    // Stay alive until every shard is done. With SO_REUSEPORT the kernel
+    // keeps spreading new connections over every open listener of the port;
+    // once this future ends our tasks are never polled again, so a shard that
+    // finished early would leave its (still open) listener's share of new
+    // connections waiting unanswered. Until the process exits, every shard's
+    // accept loop answers them `421 4.3.2`. (Dropping the in-flight accept to
+    // close the listener instead is not safe with glommio 0.9: an accept the
+    // kernel has already completed would leak the accepted socket.)
+    draining.fetch_sub(1, Ordering::AcqRel);
+    while draining.load(Ordering::Acquire) > 0 {
+        glommio::timer::sleep(STOP_POLL).await;
+    }
 }
 
 /// Accepts until the executor ends. During shutdown it keeps accepting but
-/// answers `421 4.3.2` at once: the accept in flight is never abandoned
-/// (with glommio 0.9, dropping a pending accept at shutdown was seen to leave
-/// a session's pending read without its wake-up), and a client gets a clear
-/// answer instead of a hang or a reset.
+/// answers `421 4.3.2` at once (RFC 5321 3.8), so a client gets a clear
+/// answer instead of a hang; the accept in flight is never abandoned (see
+/// the end of [`run`]).
 async fn accept_loop(listener: TcpListener, ctx: Rc<ShardCtx>, limiter: Arc<ConnectionLimiter>) {
     loop {
         let stream = match listener.accept().await {

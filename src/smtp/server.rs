@@ -182,8 +182,24 @@ impl IncomingMessage {
             .filter(|c| c.is_ascii_graphic())
             .take(255)
             .collect();
+        // RFC 5321 4.4: the From-domain must be a Domain or an address
+        // literal. Anything else (`a(b`, `x;y`) would open a comment or end
+        // the header's tokens early; it goes into an escaped comment instead.
+        let helo_is_host = crate::smtp::address::Address::parse(&format!("x@{helo}")).is_ok();
+        let from = if helo_is_host {
+            format!("{helo} ([{ip}])")
+        } else {
+            let escaped: String = helo
+                .chars()
+                .flat_map(|c| {
+                    let esc = matches!(c, '(' | ')' | '\\').then_some('\\');
+                    esc.into_iter().chain(std::iter::once(c))
+                })
+                .collect();
+            format!("[{ip}] ([{ip}] helo={escaped})")
+        };
         let mut h = format!(
-            "Received: from {helo} ([{ip}])\r\n\tby {by_host} (Sluice) with {} id {queue_id}",
+            "Received: from {from}\r\n\tby {by_host} (Sluice) with {} id {queue_id}",
             self.protocol
         );
         // Name the recipient only when there is one, as Postfix does: with
@@ -890,7 +906,14 @@ impl Session {
     /// Appends pending reply bytes to `out`. Write them in one go once the
     /// session has consumed all the input you had (RFC 2920 §3.2).
     pub fn write_output(&mut self, out: &mut Vec<u8>) {
-        out.append(&mut self.out);
+        if out.is_empty() {
+            // Hand the buffer over instead of copying it: the session keeps
+            // the caller's (empty) one, so a long pipelined burst of replies
+            // does not leave a large buffer behind in every idle session.
+            std::mem::swap(out, &mut self.out);
+        } else {
+            out.append(&mut self.out);
+        }
     }
 
     /// Whether replies are waiting to be written.

@@ -53,6 +53,11 @@ pub struct Recipient {
     pub orcpt: Option<String>,
     /// Delivery state.
     pub state: RecipientState,
+    /// The host that gave the last reply in `state` (`name [ip]:port`), for
+    /// the DSN's Remote-MTA field. `None` before any attempt and for local
+    /// verdicts (DNS failures, expiry). Older records lack it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote_mta: Option<String>,
 }
 
 /// Delivery state of one recipient.

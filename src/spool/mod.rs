@@ -5,42 +5,61 @@
 //! rebuilt from [`Partition::envelopes`] at start-up.
 //!
 //! Storage: one sled [`sled::Db`] per process (sled holds a file lock), one
-//! tree `shard-N` per glommio shard. Inside a tree each message is two keys,
+//! tree `shard-N` per glommio shard. Inside a tree a message is these keys,
 //! written atomically by one `Batch`:
 //!
 //! * `b'E' ++ id (8 bytes BE)` -> [`Envelope`] record (format byte + JSON)
-//! * `b'B' ++ id (8 bytes BE)` -> body bytes
+//! * `b'P' ++ id (8 bytes BE)` -> where the body is in the shard's body log
+//!   (append-only segment files under `bodies/`, see [`bodies`] for why)
+//! * `b'B' ++ id` -> the body itself, in spools written by earlier builds
+//!   (still read and removed)
 //!
 //! The prefixes keep all envelopes contiguous, so enumerating for the queue
 //! rebuild, counting and `max_id` never read a body. See `docs/spool.md` for
 //! why bodies live in sled and the measurements behind it.
 //!
 //! Durability: `insert` in sled is only in memory until a flush, so every
-//! mutating call awaits a group-committed `flush_async` (see
-//! [`group_commit`]) before resolving `Ok`. A failed flush surfaces as
+//! mutating call awaits a group-committed flush (see [`flusher`]): sled's
+//! `flush` followed by an `fdatasync` of its log (sled's own flush stops at
+//! `sync_file_range`), before resolving `Ok`. A failed flush surfaces as
 //! [`SpoolError`], whose [`SpoolError::reply`] is the transient `452 4.3.1`
 //! to send instead of `250`.
 
+mod bodies;
 mod envelope;
-mod group_commit;
+mod flusher;
+mod health;
 mod id;
 #[cfg(test)]
 mod tests;
 
 pub use envelope::{Envelope, Recipient, RecipientState};
+pub use health::{SpoolOptions, WriteState};
 pub use id::{ParseSpoolIdError, SpoolId, SpoolIdGenerator, ID_EPOCH_UNIX_MS, ID_TEXT_LEN};
 
 use std::cell::Cell;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Instant;
 
-use group_commit::GroupCommit;
+use bodies::{BodyLog, BodyRef, Dirty, SegmentReader};
+use flusher::Flusher;
+use health::{Health, SpaceCheck};
 
 use crate::smtp::reply::{EnhancedCode, Reply};
 
 const ENVELOPE_PREFIX: u8 = b'E';
 const BODY_PREFIX: u8 = b'B';
+/// Where the body lives in the body log: `b'P' ++ id` -> [`BodyRef`].
+const POINTER_PREFIX: u8 = b'P';
+/// sled's segment (and log buffer) size. sled writes any log item over a
+/// quarter of a segment - a whole tree node when it consolidates one - to a
+/// `blobs/` file it never fsyncs. A leaf holds at most 17 entries; with the
+/// bodies elsewhere (see [`bodies`]) they are envelopes (about 100 KiB at
+/// 1000 recipients) and 28-octet pointers, so a node stays under the 2 MiB
+/// limit of 8 MiB segments. sled's default is 512 KiB.
+const SEGMENT_SIZE: usize = 8 << 20;
 const TREE_PREFIX: &str = "shard-";
 
 fn key(prefix: u8, id: SpoolId) -> [u8; 9] {
@@ -94,13 +113,29 @@ pub enum SpoolError {
     /// `update` of a message that is not in the spool.
     #[error("message {0} is not in the spool")]
     NotFound(SpoolId),
+    /// Writing the message would leave less than `spool.min_free_space` on
+    /// the spool's file system (nothing was written).
+    #[error("spool file system has {free} octets free, {needed} needed with the reserve")]
+    InsufficientSpace {
+        /// Free octets seen.
+        free: u64,
+        /// Octets needed: the message plus the reserve.
+        needed: u64,
+    },
+    /// Writes are refused: a flush stalled or failed (see [`WriteState`]).
+    #[error("spool is not writable ({})", .0.as_str())]
+    Unavailable(WriteState),
 }
 
 impl SpoolError {
     /// The SMTP reply to send instead of accepting the message.
     pub fn reply(&self) -> Reply {
         match self {
-            Self::Locked { .. } | Self::NotWritable { .. } | Self::Storage(_) => Reply::new(
+            Self::Locked { .. }
+            | Self::NotWritable { .. }
+            | Self::Storage(_)
+            | Self::InsufficientSpace { .. }
+            | Self::Unavailable(_) => Reply::new(
                 452,
                 EnhancedCode::new(4, 3, 1),
                 "Insufficient system storage, try again later",
@@ -143,6 +178,9 @@ impl SpoolError {
 pub struct Spool {
     db: sled::Db,
     path: PathBuf,
+    health: Arc<Health>,
+    flusher: Arc<Flusher>,
+    dirty: Arc<Dirty>,
 }
 
 impl std::fmt::Debug for Spool {
@@ -152,21 +190,62 @@ impl std::fmt::Debug for Spool {
 }
 
 impl Spool {
-    /// Opens (creating if needed) the spool directory.
+    /// Opens (creating if needed) the spool directory with default
+    /// [`SpoolOptions`] (no free-space reserve).
     pub fn open(path: &Path) -> Result<Spool, SpoolError> {
+        Self::open_with(path, SpoolOptions::default())
+    }
+
+    /// Opens (creating if needed) the spool directory.
+    pub fn open_with(path: &Path, options: SpoolOptions) -> Result<Spool, SpoolError> {
         std::fs::create_dir_all(path).map_err(|source| SpoolError::NotWritable {
             path: path.to_path_buf(),
             source,
         })?;
+        let segment_size = match stored_segment_size(path) {
+            Some(old) if old != SEGMENT_SIZE => {
+                tracing::warn!(
+                    path = %path.display(),
+                    segment_size = old,
+                    "spool created by an older sluice with small sled segments: messages \
+                     over about 100 KiB are not safe from power loss in it; drain it and \
+                     start on a fresh spool directory"
+                );
+                old
+            }
+            _ => SEGMENT_SIZE,
+        };
         let db = sled::Config::new()
             .path(path)
+            .segment_size(segment_size)
             .open()
             .map_err(|e| SpoolError::from_open(path, e))?;
         tracing::debug!(path = %path.display(), recovered = db.was_recovered(), "spool opened");
+        // The directory entries of the spool (and of sled's files in it) must
+        // survive power loss too; sled does not sync directories.
+        sync_dir(path).map_err(|source| SpoolError::NotWritable {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let dirty = Arc::new(Dirty::default());
+        let flusher = Flusher::start(db.clone(), path, Arc::clone(&dirty)).map_err(|source| {
+            SpoolError::NotWritable {
+                path: path.to_path_buf(),
+                source,
+            }
+        })?;
         Ok(Spool {
             db,
             path: path.to_path_buf(),
+            health: Arc::new(Health::new(path.to_path_buf(), options)),
+            flusher: Arc::new(flusher),
+            dirty,
         })
+    }
+
+    /// Whether writes are accepted (process-wide).
+    pub fn write_state(&self) -> WriteState {
+        self.health.state()
     }
 
     /// The spool directory.
@@ -183,15 +262,26 @@ impl Spool {
             k?;
             len += 1;
         }
+        // Which body segments are still referenced, and by how many messages.
+        let mut live = std::collections::HashMap::new();
+        for v in tree.scan_prefix([POINTER_PREFIX]).values() {
+            *live.entry(BodyRef::decode(&v?)?.segment).or_insert(0u64) += 1;
+        }
+        let bodies = BodyLog::open(&self.path, shard, live, Arc::clone(&self.dirty))?;
         let label = shard.to_string();
         metrics::gauge!("sluice_spool_messages", "shard" => label.clone()).set(len as f64);
+        // Again here: `open` may run before the metrics recorder exists.
+        self.health.publish(self.health.state());
         Ok(Partition {
             inner: Rc::new(PartitionInner {
                 tree,
                 shard,
-                gc: GroupCommit::new(shard),
                 len: Cell::new(len),
                 label,
+                health: Arc::clone(&self.health),
+                space: SpaceCheck::default(),
+                flusher: Arc::clone(&self.flusher),
+                bodies,
             }),
         })
     }
@@ -261,19 +351,99 @@ impl Spool {
         Ok(max)
     }
 
-    /// Blocking flush for shutdown / CLI only: never call on a shard.
+    /// A read-only handle on partition `partition` (Send + Sync), for the
+    /// delivery shard that reads bodies from their home shard's tree and body
+    /// log. It never writes, so the home shard stays the only writer.
+    pub fn reader(&self, partition: u16) -> Result<PartitionReader, SpoolError> {
+        let tree = self.db.open_tree(format!("{TREE_PREFIX}{partition}"))?;
+        Ok(PartitionReader {
+            tree,
+            partition,
+            bodies: Arc::new(SegmentReader::new(
+                self.path.join(bodies::BODIES_DIR),
+                partition,
+            )),
+        })
+    }
+
+    /// Blocking flush for shutdown / CLI only: never call on a shard. Refused
+    /// when a flush stalled or failed (sled would hang).
     pub fn flush_blocking(&self) -> Result<(), SpoolError> {
-        self.db.flush()?;
+        match self.health.state() {
+            WriteState::Ok => {}
+            other => return Err(SpoolError::Unavailable(other)),
+        }
+        futures_lite::future::block_on(self.flusher.flush())?;
         Ok(())
+    }
+}
+
+/// The segment size an existing sled database was created with (sled refuses
+/// to open it with another), from its `conf` file.
+fn stored_segment_size(path: &Path) -> Option<usize> {
+    let conf = std::fs::read_to_string(path.join("conf")).ok()?;
+    conf.lines()
+        .find_map(|l| l.strip_prefix("segment_size:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// fsyncs a directory and its parent, so entries created in it are durable.
+fn sync_dir(path: &Path) -> std::io::Result<()> {
+    std::fs::File::open(path)?.sync_all()?;
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::File::open(parent)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// One sled flush under the watchdog of [`health`]: a failure marks the
+/// spool failed; a flush past `flush_timeout` answers its writers with an
+/// error at once, marks the spool stalled, and is left to finish in the
+/// background (clearing the stall if it succeeds).
+async fn watched_flush<F>(flush: F, health: Arc<Health>) -> Result<usize, sled::Error>
+where
+    F: std::future::Future<Output = Result<usize, sled::Error>> + 'static,
+{
+    use futures_lite::future;
+    let mut flush = Box::pin(flush);
+    let timeout = health.options.flush_timeout;
+    let finished = future::or(async { Some((&mut flush).await) }, async {
+        glommio::timer::sleep(timeout).await;
+        None
+    })
+    .await;
+    match finished {
+        Some(Ok(n)) => Ok(n),
+        Some(Err(e)) => {
+            health.fail(&e);
+            Err(e)
+        }
+        None => {
+            health.stall();
+            glommio::spawn_local(async move {
+                match flush.await {
+                    Ok(_) => health.unstall(),
+                    Err(e) => health.fail(&e),
+                }
+            })
+            .detach();
+            Err(sled::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("spool flush did not finish within {timeout:?}"),
+            )))
+        }
     }
 }
 
 struct PartitionInner {
     tree: sled::Tree,
     shard: u16,
-    gc: GroupCommit,
     len: Cell<usize>,
     label: String,
+    health: Arc<Health>,
+    space: SpaceCheck,
+    flusher: Arc<Flusher>,
+    bodies: BodyLog,
 }
 
 /// One shard's partition. Used from one glommio executor (`!Send`); clone it
@@ -305,52 +475,105 @@ impl Partition {
             .set(len as f64);
     }
 
+    /// sled's I/O errors are sticky (its "global error"): every later write
+    /// fails or hangs, so the spool is marked failed.
+    fn write_error(&self, e: sled::Error) -> SpoolError {
+        if matches!(e, sled::Error::Io(_)) {
+            self.inner.health.fail(&e);
+        }
+        SpoolError::Storage(e)
+    }
+
+    /// Refuses at once when the spool is not writable: sled would hang.
+    fn check_writable(&self) -> Result<(), SpoolError> {
+        match self.inner.health.state() {
+            WriteState::Ok => Ok(()),
+            other => {
+                metrics::counter!("sluice_spool_refused_total", "reason" => other.as_str())
+                    .increment(1);
+                Err(SpoolError::Unavailable(other))
+            }
+        }
+    }
+
     async fn commit(&self) -> Result<(), SpoolError> {
-        let tree = &self.inner.tree;
-        self.inner
-            .gc
-            .commit(|| {
-                let tree = tree.clone();
-                async move { tree.flush_async().await }
-            })
-            .await?;
+        self.check_writable()?;
+        watched_flush(self.inner.flusher.flush(), Arc::clone(&self.inner.health)).await?;
         Ok(())
     }
 
     /// Stores envelope and body atomically, then waits for a group-committed
     /// flush. `Ok` means the message is on disk and `250` may be sent.
+    ///
+    /// Refused with nothing written when the spool is not writable or the
+    /// file system would keep less than `min_free_space` (see [`health`]).
     pub async fn store(&self, envelope: &Envelope, body: &[u8]) -> Result<(), SpoolError> {
+        self.store_parts(envelope, &[body]).await
+    }
+
+    /// [`Partition::store`] with the body given in pieces (e.g. a trace
+    /// header and the message), written as their concatenation without an
+    /// extra copy.
+    pub async fn store_parts(
+        &self,
+        envelope: &Envelope,
+        parts: &[&[u8]],
+    ) -> Result<(), SpoolError> {
         let started = Instant::now();
+        let body_len: usize = parts.iter().map(|p| p.len()).sum();
         let id = envelope.id;
+        self.check_writable()?;
+        let record = envelope.encode();
+        let needed = (record.len() + body_len) as u64;
+        if let Err(free) = self.inner.space.check(&self.inner.health, needed) {
+            metrics::counter!("sluice_spool_refused_total", "reason" => "low_space").increment(1);
+            let needed = needed.saturating_add(self.inner.health.options.min_free_space);
+            tracing::warn!(
+                shard = self.inner.shard,
+                free,
+                needed,
+                "spool file system below the reserve; refusing with 452 4.3.1"
+            );
+            return Err(SpoolError::InsufficientSpace { free, needed });
+        }
         let tree = &self.inner.tree;
         let ekey = key(ENVELOPE_PREFIX, id);
         let existed = tree.contains_key(ekey)?;
-        let mut batch = sled::Batch::default();
-        batch.insert(&ekey[..], envelope.encode());
-        batch.insert(&key(BODY_PREFIX, id)[..], body);
-        tree.apply_batch(batch)?;
-        if !existed {
-            self.set_len(self.inner.len.get() + 1);
+        if existed {
+            // Ids are unique; storing one twice would orphan a body.
+            return Err(SpoolError::Corrupt {
+                what: "store".into(),
+                reason: format!("message {id} is already in the spool"),
+            });
         }
+        let body = self.inner.bodies.append(parts).await?;
+        let pkey = key(POINTER_PREFIX, id);
+        let mut batch = sled::Batch::default();
+        batch.insert(&ekey[..], record);
+        batch.insert(&pkey[..], &body.encode()[..]);
+        if let Err(e) = tree.apply_batch(batch) {
+            self.inner.bodies.release(body.segment);
+            return Err(self.write_error(e));
+        }
+        self.set_len(self.inner.len.get() + 1);
         if let Err(e) = self.commit().await {
             tracing::warn!(shard = self.inner.shard, %id, error = %e, "spool store failed");
             // The caller answers 4xx and the client retries: take the
             // not-durable copy out again so a later flush cannot turn it into
             // a duplicate delivery. Best effort: sled may refuse everything now.
-            if !existed {
-                let mut undo = sled::Batch::default();
-                undo.remove(&ekey[..]);
-                undo.remove(&key(BODY_PREFIX, id)[..]);
-                if tree.apply_batch(undo).is_ok() {
-                    self.set_len(self.inner.len.get().saturating_sub(1));
-                }
+            let mut undo = sled::Batch::default();
+            undo.remove(&ekey[..]);
+            undo.remove(&pkey[..]);
+            if tree.apply_batch(undo).is_ok() {
+                self.set_len(self.inner.len.get().saturating_sub(1));
+                self.inner.bodies.release(body.segment);
             }
             return Err(e);
         }
         let secs = started.elapsed().as_secs_f64();
         metrics::histogram!("sluice_spool_write_seconds", "shard" => self.inner.label.clone())
             .record(secs);
-        tracing::debug!(shard = self.inner.shard, %id, size = body.len(), secs, "spooled");
+        tracing::debug!(shard = self.inner.shard, %id, size = body_len, secs, "spooled");
         Ok(())
     }
 
@@ -359,15 +582,21 @@ impl Partition {
         let Some(envelope) = self.load_envelope(id)? else {
             return Ok(None);
         };
-        let body =
-            self.inner
-                .tree
-                .get(key(BODY_PREFIX, id))?
-                .ok_or_else(|| SpoolError::Corrupt {
-                    what: "body".into(),
-                    reason: format!("message {id} has an envelope but no body"),
-                })?;
-        Ok(Some((envelope, body.to_vec())))
+        let tree = &self.inner.tree;
+        if let Some(p) = tree.get(key(POINTER_PREFIX, id))? {
+            let body = self.inner.bodies.read(id, &BodyRef::decode(&p)?)?;
+            return Ok(Some((envelope, body)));
+        }
+        // Spools written before the body log kept bodies in sled.
+        let first = tree
+            .get(key(BODY_PREFIX, id))?
+            .ok_or_else(|| SpoolError::Corrupt {
+                what: "body".into(),
+                reason: format!("message {id} has an envelope but no body"),
+            })?;
+        let mut body = Vec::with_capacity(usize::try_from(envelope.size).unwrap_or(0));
+        body.extend_from_slice(&first);
+        Ok(Some((envelope, body)))
     }
 
     /// The envelope of `id` alone (no body read).
@@ -389,7 +618,8 @@ impl Partition {
         if !tree.contains_key(ekey)? {
             return Err(SpoolError::NotFound(envelope.id));
         }
-        tree.insert(ekey, envelope.encode())?;
+        tree.insert(ekey, envelope.encode())
+            .map_err(|e| self.write_error(e))?;
         self.commit().await?;
         tracing::debug!(shard = self.inner.shard, id = %envelope.id, "spool updated");
         Ok(())
@@ -400,16 +630,94 @@ impl Partition {
         let tree = &self.inner.tree;
         let ekey = key(ENVELOPE_PREFIX, id);
         let existed = tree.contains_key(ekey)?;
+        let pkey = key(POINTER_PREFIX, id);
+        let body = match tree.get(pkey)? {
+            Some(p) => Some(BodyRef::decode(&p)?),
+            None => None,
+        };
         let mut batch = sled::Batch::default();
         batch.remove(&ekey[..]);
+        batch.remove(&pkey[..]);
         batch.remove(&key(BODY_PREFIX, id)[..]);
-        tree.apply_batch(batch)?;
+        tree.apply_batch(batch).map_err(|e| self.write_error(e))?;
         if existed {
             self.set_len(self.inner.len.get().saturating_sub(1));
         }
         self.commit().await?;
+        // Durably gone: its bytes in the body log may go too.
+        if let Some(b) = body {
+            self.inner.bodies.release(b.segment);
+        }
         tracing::debug!(shard = self.inner.shard, %id, "spool removed");
         Ok(())
+    }
+
+    /// Finishes a message whose recipients are all final, in ONE sled batch:
+    /// removes `original` and, if given, stores its DSN (envelope + body) as
+    /// a new message. A crash leaves either the original (the DSN is built
+    /// again after the restart) or the DSN alone, never both and never
+    /// neither. Durable when it resolves `Ok`; the original's body space is
+    /// released only then.
+    pub async fn complete(
+        &self,
+        original: SpoolId,
+        dsn: Option<(&Envelope, &[u8])>,
+    ) -> Result<(), SpoolError> {
+        let tree = &self.inner.tree;
+        let okey = key(ENVELOPE_PREFIX, original);
+        let opkey = key(POINTER_PREFIX, original);
+        let mut batch = sled::Batch::default();
+        batch.remove(&okey[..]);
+        batch.remove(&opkey[..]);
+        batch.remove(&key(BODY_PREFIX, original)[..]);
+        let mut added = None;
+        if let Some((env, body)) = dsn {
+            self.check_writable()?;
+            // The body goes to the log first (durable with the same flush as
+            // the batch below, see `bodies`).
+            let b = self.inner.bodies.append(&[body]).await?;
+            batch.insert(&key(ENVELOPE_PREFIX, env.id)[..], env.encode());
+            batch.insert(&key(POINTER_PREFIX, env.id)[..], &b.encode()[..]);
+            added = Some(b);
+        }
+        // Read after the append's await: only this shard writes this tree,
+        // so nothing can change between here and the batch.
+        let existed = tree.contains_key(okey)?;
+        let obody = match tree.get(opkey)? {
+            Some(p) => Some(BodyRef::decode(&p)?),
+            None => None,
+        };
+        if let Err(e) = tree.apply_batch(batch) {
+            if let Some(b) = added {
+                self.inner.bodies.release(b.segment);
+            }
+            return Err(self.write_error(e));
+        }
+        let len = self.inner.len.get() - usize::from(existed) + usize::from(added.is_some());
+        self.set_len(len);
+        self.commit().await?;
+        if let Some(b) = obody {
+            self.inner.bodies.release(b.segment);
+        }
+        tracing::debug!(
+            shard = self.inner.shard,
+            id = %original,
+            dsn = ?dsn.map(|(e, _)| e.id),
+            "spool completed"
+        );
+        Ok(())
+    }
+
+    /// A read-only, `Send` handle on this partition.
+    pub fn reader(&self) -> PartitionReader {
+        PartitionReader {
+            tree: self.inner.tree.clone(),
+            partition: self.inner.shard,
+            bodies: Arc::new(SegmentReader::new(
+                self.inner.bodies.dir().to_path_buf(),
+                self.inner.shard,
+            )),
+        }
     }
 
     /// Every envelope in id order, for the queue rebuild (bodies not read).
@@ -431,20 +739,67 @@ impl Partition {
         self.len() == 0
     }
 
-    /// Flushes this partition has completed (each covering one or more
-    /// writes): with concurrent writers this is less than the number of writes.
+    /// Flushes the spool has completed (process-wide: one flush serves
+    /// every shard). Each covers one or more writes: with concurrent writers
+    /// this is less than the number of writes.
     pub fn flush_count(&self) -> u64 {
-        self.inner.gc.flush_count()
+        self.inner.flusher.flush_count()
     }
 
     /// Writes made durable by those flushes; `flushed_writes() /
     /// flush_count()` is the mean group-commit batch size.
     pub fn flushed_writes(&self) -> u64 {
-        self.inner.gc.covered_writes()
+        self.inner.flusher.covered_writes()
     }
 
     /// The largest number of writes one flush covered.
     pub fn max_flush_batch(&self) -> u64 {
-        self.inner.gc.max_batch()
+        self.inner.flusher.max_batch()
+    }
+}
+
+/// Read access to one partition from any thread (a delivery shard reading a
+/// message from its home shard's partition). Cheap to clone; holds no body.
+#[derive(Clone)]
+pub struct PartitionReader {
+    tree: sled::Tree,
+    partition: u16,
+    bodies: Arc<SegmentReader>,
+}
+
+impl std::fmt::Debug for PartitionReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PartitionReader")
+            .field("partition", &self.partition)
+            .finish()
+    }
+}
+
+impl PartitionReader {
+    /// The partition read.
+    pub fn partition(&self) -> u16 {
+        self.partition
+    }
+
+    /// The envelope of `id`, if stored.
+    pub fn load_envelope(&self, id: SpoolId) -> Result<Option<Envelope>, SpoolError> {
+        match self.tree.get(key(ENVELOPE_PREFIX, id))? {
+            Some(v) => Ok(Some(Envelope::decode(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The body of `id`, if stored: from the body log (a blocking `pread`,
+    /// like a sled read that misses its cache), or, in spools from before the
+    /// body log, the sled value itself (no copy).
+    pub fn load_body(&self, id: SpoolId) -> Result<Option<bytes::Bytes>, SpoolError> {
+        if let Some(p) = self.tree.get(key(POINTER_PREFIX, id))? {
+            let body = self.bodies.read(id, &BodyRef::decode(&p)?)?;
+            return Ok(Some(bytes::Bytes::from(body)));
+        }
+        Ok(self
+            .tree
+            .get(key(BODY_PREFIX, id))?
+            .map(bytes::Bytes::from_owner))
     }
 }

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod dns;
+pub mod sink;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -37,11 +38,18 @@ pub struct Server {
 }
 
 /// Config text with port-0 listeners, the spool in `dir`, plus `extra`
-/// appended to `[server]` and `tail` appended at the end.
+/// appended to `[server]` and `tail` appended at the end. Delivery is off
+/// (mail stays in the spool, as these tests inspect it) unless `tail` has
+/// its own `[delivery]` section.
 pub fn config(dir: &Path, server_extra: &str, tail: &str) -> String {
+    let hold = if tail.contains("[delivery]") {
+        ""
+    } else {
+        "[delivery]\nenabled = false\n"
+    };
     format!(
         "[server]\nlisten = [\"127.0.0.1:0\"]\nhostname = \"mx.test\"\nshards = 2\n{server_extra}\n\
-         [spool]\npath = \"{}\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n{tail}\n",
+         [spool]\npath = \"{}\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n{hold}{tail}\n",
         dir.join("spool").display()
     )
 }
@@ -187,8 +195,13 @@ pub struct QueueEntry {
     pub size: u64,
     pub sender: String,
     pub recipients: Vec<String>,
+    /// Per recipient: the state line after the address
+    /// (`pending`, `deferred\tattempts=1\t...`).
+    pub states: Vec<String>,
 }
 
+/// Parses the `/queue` listing (see `src/server/queue.rs`); the `queue` and
+/// `domain` summary lines are skipped.
 pub fn parse_queue(text: &str) -> Vec<QueueEntry> {
     let mut lines = text.lines();
     let count: usize = lines
@@ -197,17 +210,25 @@ pub fn parse_queue(text: &str) -> Vec<QueueEntry> {
         .expect("count line")
         .parse()
         .unwrap();
-    let entries: Vec<QueueEntry> = lines
-        .map(|l| {
-            let f: Vec<&str> = l.split('\t').collect();
-            QueueEntry {
-                id: f[0].to_owned(),
-                size: f[1].parse().unwrap(),
-                sender: f[2].to_owned(),
-                recipients: f[3].split(' ').map(str::to_owned).collect(),
-            }
-        })
-        .collect();
+    let mut entries: Vec<QueueEntry> = Vec::new();
+    for l in lines {
+        if let Some(rest) = l.strip_prefix('\t') {
+            let (_, state) = rest.split_once('\t').unwrap();
+            entries.last_mut().unwrap().states.push(state.to_owned());
+            continue;
+        }
+        if l.starts_with("queue\t") || l.starts_with("domain\t") {
+            continue;
+        }
+        let f: Vec<&str> = l.split('\t').collect();
+        entries.push(QueueEntry {
+            id: f[0].to_owned(),
+            size: f[1].parse().unwrap(),
+            sender: f[2].to_owned(),
+            recipients: f[3].split(' ').map(str::to_owned).collect(),
+            states: Vec::new(),
+        });
+    }
     assert_eq!(count, entries.len(), "listing limit too small for the test");
     entries
 }

@@ -203,6 +203,7 @@ fn envelope() -> Envelope {
                     at_ms: 1_709_251_000_000,
                     reply: "550 5.1.1 <bob@example.net>: Recipient address rejected".into(),
                 },
+                remote_mta: None,
             },
             Recipient {
                 address: "carol@example.net".into(),
@@ -212,6 +213,7 @@ fn envelope() -> Envelope {
                     at_ms: 1_709_251_000_000,
                     reply: "250 2.0.0 Ok".into(),
                 },
+                remote_mta: None,
             },
         ],
         received_at_ms: 1_709_250_000_000,
@@ -954,6 +956,7 @@ fn recipients_to_report_follows_state_and_notify() {
         notify: notify.map(Into::into),
         orcpt: None,
         state,
+        remote_mta: None,
     };
     let env = Envelope {
         recipients: vec![

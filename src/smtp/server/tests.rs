@@ -740,6 +740,27 @@ fn received_header_names_single_recipient_only() {
 }
 
 #[test]
+fn received_header_quotes_a_helo_that_is_not_a_host() {
+    for (helo, from) in [
+        ("client.example", "from client.example ([192.0.2.7])"),
+        ("[192.0.2.9]", "from [192.0.2.9] ([192.0.2.7])"),
+        ("a(b", "from [192.0.2.7] ([192.0.2.7] helo=a\\(b)"),
+        ("x;y)", "from [192.0.2.7] ([192.0.2.7] helo=x;y\\))"),
+    ] {
+        let mut h = Harness::new();
+        h.greeting();
+        h.send(format!("EHLO {helo}\r\n").as_bytes());
+        h.send(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nDATA\r\n");
+        h.send(b"x\r\n.\r\n");
+        let hdr = h.stored[0].received_header("mx.example", "ID1", "date");
+        assert!(
+            hdr.starts_with(&format!("Received: {from}\r\n")),
+            "{helo}: {hdr}"
+        );
+    }
+}
+
+#[test]
 fn eof_mid_data_stores_nothing() {
     let mut h = Harness::new();
     h.ehlo();
