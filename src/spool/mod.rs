@@ -16,7 +16,7 @@
 //!
 //! The prefixes keep all envelopes contiguous, so enumerating for the queue
 //! rebuild, counting and `max_id` never read a body. See `docs/spool.md` for
-//! why bodies live in sled and the measurements behind it.
+//! the layout and why bodies live outside sled.
 //!
 //! Durability: `insert` in sled is only in memory until a flush, so every
 //! mutating call awaits a group-committed flush (see [`flusher`]): sled's
