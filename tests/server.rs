@@ -470,6 +470,36 @@ fn startup_error_port_in_use() {
     expect_startup_error(dir.path(), &cfg, &format!("cannot listen on {addr}"));
 }
 
+/// Regression: a restart on a fixed port failed with "Address already in
+/// use" for a minute while sessions the server had closed (after QUIT) sat
+/// in TIME_WAIT. Another sluice still listening there must still be refused.
+#[test]
+fn restart_on_the_same_port_despite_time_wait() {
+    let dir = tempdir();
+    let mut first = Server::start(dir.path(), &config(dir.path(), "", ""));
+    let addr = first.smtp;
+    let fixed =
+        |d: &std::path::Path| config(d, "", "").replace("127.0.0.1:0\"]", &format!("{addr}\"]"));
+    let other = tempdir();
+    expect_startup_error(
+        other.path(),
+        &fixed(other.path()),
+        &format!("cannot listen on {addr}"),
+    );
+    for _ in 0..3 {
+        let mut c = first.client();
+        c.hello();
+        assert!(c.cmd("QUIT").starts_with("221"));
+        // EOF: the server closed first, so its side is in TIME_WAIT.
+        assert_eq!(c.reply(), "");
+    }
+    first.signal("TERM");
+    assert!(first.wait().success());
+    let second = Server::start(dir.path(), &fixed(dir.path()));
+    assert_eq!(second.smtp, addr);
+    second.client().hello();
+}
+
 #[test]
 fn startup_error_spool_locked() {
     let dir = tempdir();

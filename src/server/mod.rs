@@ -111,8 +111,29 @@ fn probe_listen(addr: SocketAddr) -> Result<(SocketAddr, Option<socket2::Socket>
         // No SO_REUSEPORT here: this bind fails if anything listens on the
         // port, even another process that set SO_REUSEPORT (which would let
         // the shards' binds succeed and silently share the port).
-        std::net::TcpListener::bind(addr).map_err(err)?;
-        return Ok((addr, None));
+        match std::net::TcpListener::bind(addr) {
+            Ok(_) => return Ok((addr, None)),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                // It also fails while connections of our previous run linger
+                // in TIME_WAIT (glommio's listeners set SO_REUSEPORT but not
+                // SO_REUSEADDR, and their accepted sockets inherit that), so a
+                // restart would fail for a minute. Bind as the shards will:
+                // a listener without SO_REUSEPORT or of another user still
+                // conflicts; one that shares the port with us (another sluice)
+                // does not, so look for it by connecting.
+                let sock =
+                    Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+                        .map_err(err)?;
+                sock.set_reuse_port(true).map_err(err)?;
+                sock.bind(&addr.into()).map_err(err)?;
+                drop(sock);
+                if someone_listens(addr) {
+                    return Err(err(e));
+                }
+                return Ok((addr, None));
+            }
+            Err(e) => return Err(err(e)),
+        }
     }
     let sock =
         Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(err)?;
@@ -124,6 +145,19 @@ fn probe_listen(addr: SocketAddr) -> Result<(SocketAddr, Option<socket2::Socket>
         .as_socket()
         .ok_or_else(|| StartupError(format!("cannot listen on {addr}: not an IP socket")))?;
     Ok((bound, Some(sock)))
+}
+
+/// Whether something accepts TCP connections at `addr` (the unspecified
+/// address stands for every local one: loopback is asked).
+fn someone_listens(addr: SocketAddr) -> bool {
+    let mut target = addr;
+    if target.ip().is_unspecified() {
+        target.set_ip(match addr {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    std::net::TcpStream::connect_timeout(&target, Duration::from_secs(2)).is_ok()
 }
 
 /// The delivery pieces every shard shares: mesh, resolver thread, routes,
