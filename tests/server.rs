@@ -378,6 +378,14 @@ fn metrics_endpoint_scrape() {
         .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
         .sum();
     assert_eq!(accepted, 1.0);
+    // Prometheus' linter (`promtool check metrics`) wants a HELP per family.
+    for family in m.lines().filter_map(|l| l.strip_prefix("# TYPE ")) {
+        let name = family.split(' ').next().unwrap();
+        assert!(
+            m.contains(&format!("# HELP {name} ")),
+            "{name} has no HELP:\n{m}"
+        );
+    }
     assert_eq!(server.http("/health"), "ok\n");
 }
 
