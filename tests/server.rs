@@ -301,6 +301,40 @@ fn size_and_recipient_limits() {
     assert!(server.queue().is_empty());
 }
 
+/// Regression: `line_endings` and `max_line_length` were not configurable,
+/// so the documented `reject` policy could not be turned on.
+#[test]
+fn bare_line_ending_policy_and_line_length_are_configurable() {
+    let dir = tempdir();
+    let server = Server::start(
+        dir.path(),
+        &config(
+            dir.path(),
+            "line_endings = \"reject\"\nmax_line_length = 1200",
+            "",
+        ),
+    );
+    let mut c = server.client();
+    c.hello();
+    for (body, want) in [
+        ("Subject: a\r\n\r\nbare\nlf\r\n".to_owned(), "550 5.6.0"),
+        ("Subject: b\r\n\r\nbare\rcr\r\n".to_owned(), "550 5.6.0"),
+        (
+            format!("Subject: c\r\n\r\n{}\r\n", "x".repeat(1200)),
+            "250 2.0.0",
+        ),
+        (
+            format!("Subject: d\r\n\r\n{}\r\n", "x".repeat(1201)),
+            "550 5.6.0",
+        ),
+    ] {
+        let r = c.send_mail("a@example.test", &["b@example.test"], &body);
+        assert!(r.starts_with(want), "{want}: {r}");
+    }
+    assert!(c.cmd("QUIT").starts_with("221"));
+    assert_eq!(server.queue().len(), 1);
+}
+
 #[test]
 fn sigterm_mid_transaction_completes_then_exits_zero() {
     let dir = tempdir();

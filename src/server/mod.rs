@@ -97,7 +97,8 @@ fn session_config(config: &Config) -> SessionConfig {
         command_timeout: s.command_timeout(),
         data_timeout: s.data_timeout(),
         greeting_delay: Duration::from_millis(s.greeting_delay_ms),
-        ..SessionConfig::default()
+        max_line_length: s.max_line_length,
+        line_endings: s.line_endings.into(),
     }
 }
 
