@@ -489,6 +489,42 @@ fn check_config_good_and_bad() {
     assert!(!out.status.success());
 }
 
+/// Regression: `sluice queue | head` panicked ("failed printing to stdout:
+/// Broken pipe"). Output to a reader that has gone is not an error.
+#[test]
+fn output_to_a_closed_pipe_does_not_panic() {
+    let dir = tempdir();
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(&cfg, config(dir.path(), "", "")).unwrap();
+    for args in [&["check-config"][..], &["queue", "--config"][..]] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = Command::new(BIN)
+            .args(args)
+            .arg(&cfg)
+            .stdout(writer)
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn help_is_not_an_error() {
+    for args in [
+        &["--help"][..],
+        &["serve", "--help"][..],
+        &["queue", "-h"][..],
+    ] {
+        let out = Command::new(BIN).args(args).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        assert!(String::from_utf8_lossy(&out.stdout).starts_with("usage:"));
+    }
+}
+
 fn expect_startup_error(dir: &std::path::Path, cfg: &str, want: &str) {
     match Server::try_start(dir, cfg) {
         Ok(_) => panic!("server started but should not"),
