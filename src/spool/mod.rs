@@ -15,8 +15,9 @@
 //!   (still read and removed)
 //!
 //! The prefixes keep all envelopes contiguous, so enumerating for the queue
-//! rebuild, counting and `max_id` never read a body. See `docs/spool.md` for
-//! why bodies live in sled and the measurements behind it.
+//! rebuild, counting and `max_id` never read a body. See docs/operations.md
+//! ("Durability of the spool") for why bodies live outside sled, and
+//! docs/benchmarks.md for the measurements behind it.
 //!
 //! Durability: `insert` in sled is only in memory until a flush, so every
 //! mutating call awaits a group-committed flush (see [`flusher`]): sled's
