@@ -74,6 +74,9 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
 }
 
+/// Most shards a server runs: spool ids name their shard in 8 bits.
+pub const MAX_SHARDS: usize = 256;
+
 /// `[server]`.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -180,12 +183,14 @@ impl ServerConfig {
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs(self.shutdown_grace)
     }
-    /// The number of shards to run: the configured value, or the core count.
+    /// The number of shards to run: the configured value, or the core count
+    /// (at most [`MAX_SHARDS`]).
     pub fn effective_shards(&self) -> usize {
         if self.shards == 0 {
             std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(1)
+                .min(MAX_SHARDS)
         } else {
             self.shards
         }
@@ -756,8 +761,10 @@ impl Config {
         if s.hostname.is_empty() || s.hostname.contains(char::is_whitespace) {
             return bad("server.hostname must be a non-empty name without spaces");
         }
-        if s.shards > 1024 {
-            return bad("server.shards must be at most 1024");
+        if s.shards > MAX_SHARDS {
+            // Spool ids carry the shard in 8 bits: shard 256 would reuse
+            // shard 0's ids, and a duplicate id overwrites a stored message.
+            return bad("server.shards must be at most 256");
         }
         if s.max_message_size == 0 {
             return bad("server.max_message_size must be positive");
@@ -873,6 +880,15 @@ mod tests {
         assert_eq!(c.server.max_line_length, 2000);
         assert!(Config::parse("[server]\nline_endings = \"keep\"\n").is_err());
         assert!(Config::parse("[server]\nmax_line_length = 500\n").is_err());
+    }
+
+    /// Regression: up to 1024 shards were allowed, but spool ids hold the
+    /// shard in 8 bits, so shard 256 would have reused shard 0's ids.
+    #[test]
+    fn shards_fit_in_spool_ids() {
+        assert!(Config::parse("[server]\nshards = 256\n").is_ok());
+        assert!(Config::parse("[server]\nshards = 257\n").is_err());
+        assert!(Config::default().server.effective_shards() <= MAX_SHARDS);
     }
 
     #[test]
