@@ -335,6 +335,26 @@ fn bare_line_ending_policy_and_line_length_are_configurable() {
     assert_eq!(server.queue().len(), 1);
 }
 
+/// Regression: a transaction still running when the grace period ended was
+/// cut without a word; RFC 5321 3.8 wants a 421 before the close.
+#[test]
+fn transaction_cut_after_grace_period_is_told_421() {
+    let dir = tempdir();
+    let mut server = Server::start(dir.path(), &config(dir.path(), "shutdown_grace = 1", ""));
+    let mut c = server.client();
+    c.hello();
+    assert!(c.cmd("MAIL FROM:<a@example.test>").starts_with("250"));
+    assert!(c.cmd("RCPT TO:<b@example.test>").starts_with("250"));
+    assert!(c.cmd("DATA").starts_with("354"));
+    c.send("Subject: never finished\r\n\r\n");
+    server.signal("TERM");
+    let r = c.reply();
+    assert!(r.starts_with("421 4.3.2 "), "{r:?}");
+    assert_eq!(c.reply(), "", "closed after the 421");
+    let status = server.wait();
+    assert!(status.success(), "{status:?}: {}", server.log_text());
+}
+
 #[test]
 fn sigterm_mid_transaction_completes_then_exits_zero() {
     let dir = tempdir();
