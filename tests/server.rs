@@ -573,11 +573,16 @@ fn startup_error_port_in_use() {
 /// in TIME_WAIT. Another sluice still listening there must still be refused.
 #[test]
 fn restart_on_the_same_port_despite_time_wait() {
+    // An address of its own: the port the kernel picks for it is freed
+    // between the runs, and another test's server (all on 127.0.0.1) must
+    // not be able to take it in between.
     let dir = tempdir();
-    let mut first = Server::start(dir.path(), &config(dir.path(), "", ""));
+    let on = |d: &std::path::Path, a: &str| {
+        config(d, "", "").replace("127.0.0.1:0\"]", &format!("{a}\"]"))
+    };
+    let mut first = Server::start(dir.path(), &on(dir.path(), "127.0.0.61:0"));
     let addr = first.smtp;
-    let fixed =
-        |d: &std::path::Path| config(d, "", "").replace("127.0.0.1:0\"]", &format!("{addr}\"]"));
+    let fixed = |d: &std::path::Path| on(d, &addr.to_string());
     let other = tempdir();
     expect_startup_error(
         other.path(),
