@@ -516,6 +516,7 @@ fn output_to_a_closed_pipe_does_not_panic() {
     let dir = tempdir();
     let cfg = dir.path().join("c.toml");
     std::fs::write(&cfg, config(dir.path(), "", "")).unwrap();
+    drop(sluice::spool::Spool::open(&dir.path().join("spool")).unwrap());
     for args in [&["check-config"][..], &["queue", "--config"][..]] {
         let (reader, writer) = std::io::pipe().unwrap();
         drop(reader);
@@ -530,6 +531,25 @@ fn output_to_a_closed_pipe_does_not_panic() {
         assert!(out.status.success(), "{args:?}: {out:?}");
         assert!(!err.contains("panicked"), "{args:?}: {err}");
     }
+}
+
+/// Regression: `sluice queue` with no server and no spool created an empty
+/// spool where it looked and answered "count 0".
+#[test]
+fn queue_without_a_spool_says_so_and_creates_nothing() {
+    let dir = tempdir();
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(&cfg, config(dir.path(), "", "")).unwrap();
+    let out = Command::new(BIN)
+        .args(["queue", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(err.starts_with("sluice: error: no spool at"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(!dir.path().join("spool").exists());
 }
 
 #[test]
