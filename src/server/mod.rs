@@ -128,8 +128,16 @@ fn probe_listen(addr: SocketAddr) -> Result<(SocketAddr, Option<socket2::Socket>
                 sock.set_reuse_port(true).map_err(err)?;
                 sock.bind(&addr.into()).map_err(err)?;
                 drop(sock);
-                if someone_listens(addr) {
-                    return Err(err(e));
+                // A process that has just exited keeps accepting for some
+                // milliseconds (io_uring drops its pending accept, and with
+                // it the listener, asynchronously): a restart must not take
+                // that for another server, nor share the port with it.
+                let until = std::time::Instant::now() + LINGER;
+                while someone_listens(addr) {
+                    if std::time::Instant::now() >= until {
+                        return Err(err(e));
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
                 }
                 return Ok((addr, None));
             }
@@ -147,6 +155,10 @@ fn probe_listen(addr: SocketAddr) -> Result<(SocketAddr, Option<socket2::Socket>
         .ok_or_else(|| StartupError(format!("cannot listen on {addr}: not an IP socket")))?;
     Ok((bound, Some(sock)))
 }
+
+/// How long a listener found at startup may take to go away before the
+/// port counts as taken (an exited sluice's lingers ~10 ms).
+const LINGER: Duration = Duration::from_secs(2);
 
 /// Whether something accepts TCP connections at `addr` (the unspecified
 /// address stands for every local one: loopback is asked).
