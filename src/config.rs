@@ -74,6 +74,9 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
 }
 
+/// Most shards a server runs: spool ids name their shard in 8 bits.
+pub const MAX_SHARDS: usize = 256;
+
 /// `[server]`.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -112,6 +115,30 @@ pub struct ServerConfig {
     /// Milliseconds to hold the greeting; a client that talks first is
     /// disconnected as an early talker. 0 greets at once.
     pub greeting_delay_ms: u64,
+    /// Longest message body line in octets, CRLF excluded (RFC 5322: 998).
+    pub max_line_length: usize,
+    /// What a bare CR or bare LF in a message body gets.
+    pub line_endings: LineEndings,
+}
+
+/// Bare CR / bare LF in message bodies (`[server] line_endings`).
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LineEndings {
+    /// Rewritten to CRLF in what is stored (as Postfix 3.9 does).
+    #[default]
+    Normalize,
+    /// The message is refused with `550 5.6.0` after the final dot.
+    Reject,
+}
+
+impl From<LineEndings> for crate::smtp::data::LineEndingPolicy {
+    fn from(l: LineEndings) -> Self {
+        match l {
+            LineEndings::Normalize => Self::Normalize,
+            LineEndings::Reject => Self::Reject,
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -133,6 +160,8 @@ impl Default for ServerConfig {
             io_memory: 1024 * 1024,
             shutdown_grace: 30,
             greeting_delay_ms: 0,
+            max_line_length: 998,
+            line_endings: LineEndings::Normalize,
         }
     }
 }
@@ -154,12 +183,14 @@ impl ServerConfig {
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs(self.shutdown_grace)
     }
-    /// The number of shards to run: the configured value, or the core count.
+    /// The number of shards to run: the configured value, or the core count
+    /// (at most [`MAX_SHARDS`]).
     pub fn effective_shards(&self) -> usize {
         if self.shards == 0 {
             std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(1)
+                .min(MAX_SHARDS)
         } else {
             self.shards
         }
@@ -730,8 +761,10 @@ impl Config {
         if s.hostname.is_empty() || s.hostname.contains(char::is_whitespace) {
             return bad("server.hostname must be a non-empty name without spaces");
         }
-        if s.shards > 1024 {
-            return bad("server.shards must be at most 1024");
+        if s.shards > MAX_SHARDS {
+            // Spool ids carry the shard in 8 bits: shard 256 would reuse
+            // shard 0's ids, and a duplicate id overwrites a stored message.
+            return bad("server.shards must be at most 256");
         }
         if s.max_message_size == 0 {
             return bad("server.max_message_size must be positive");
@@ -747,6 +780,9 @@ impl Config {
         }
         if s.max_command_line < 512 {
             return bad("server.max_command_line must be at least 512 (RFC 5321 4.5.3.1.4)");
+        }
+        if s.max_line_length < 998 {
+            return bad("server.max_line_length must be at least 998 (RFC 5322 2.1.1)");
         }
         if s.read_buffer_size < 1024 || s.read_buffer_size > 16 * 1024 * 1024 {
             return bad("server.read_buffer_size must be between 1024 and 16777216");
@@ -833,6 +869,28 @@ mod tests {
 
     /// Every key of the effective config is documented, and the annotated
     /// production example is valid.
+    #[test]
+    fn body_policy_keys_parse() {
+        let c = Config::parse("").unwrap();
+        assert_eq!(c.server.line_endings, LineEndings::Normalize);
+        assert_eq!(c.server.max_line_length, 998);
+        let c =
+            Config::parse("[server]\nline_endings = \"reject\"\nmax_line_length = 2000\n").unwrap();
+        assert_eq!(c.server.line_endings, LineEndings::Reject);
+        assert_eq!(c.server.max_line_length, 2000);
+        assert!(Config::parse("[server]\nline_endings = \"keep\"\n").is_err());
+        assert!(Config::parse("[server]\nmax_line_length = 500\n").is_err());
+    }
+
+    /// Regression: up to 1024 shards were allowed, but spool ids hold the
+    /// shard in 8 bits, so shard 256 would have reused shard 0's ids.
+    #[test]
+    fn shards_fit_in_spool_ids() {
+        assert!(Config::parse("[server]\nshards = 256\n").is_ok());
+        assert!(Config::parse("[server]\nshards = 257\n").is_err());
+        assert!(Config::default().server.effective_shards() <= MAX_SHARDS);
+    }
+
     #[test]
     fn documented_and_example_valid() {
         let docs = include_str!("../docs/configuration.md");

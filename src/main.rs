@@ -77,6 +77,24 @@ fn load(path: Option<&PathBuf>) -> Result<Config, String> {
     }
 }
 
+/// Writes command output to stdout. A reader that goes away early
+/// (`sluice queue | head`) is not an error; `print!` would panic.
+fn emit(text: &str) -> Result<(), String> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(format!("cannot write output: {e}"))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Whether `args` ask for help (`sluice serve --help`).
+fn wants_help(args: &[String]) -> bool {
+    args.iter().any(|a| a == "-h" || a == "--help")
+}
+
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -91,6 +109,9 @@ fn run(args: &[String]) -> Result<(), String> {
     let Some((cmd, rest)) = args.split_first() else {
         return Err(format!("no command given\n{USAGE}"));
     };
+    if wants_help(rest) {
+        return emit(&format!("{USAGE}\n"));
+    }
     match cmd.as_str() {
         "serve" => {
             let flags = parse_flags(rest, &["--config", "--ready-file"])?;
@@ -113,8 +134,7 @@ fn run(args: &[String]) -> Result<(), String> {
                 return Err(format!("check-config takes one FILE\n{USAGE}"));
             };
             let config = Config::load(file.as_ref()).map_err(|e| e.to_string())?;
-            print!("{}", config.to_toml());
-            Ok(())
+            emit(&config.to_toml())
         }
         "queue" => {
             let flags = parse_flags(rest, &["--config", "--limit"])?;
@@ -125,18 +145,13 @@ fn run(args: &[String]) -> Result<(), String> {
             if config.metrics.enabled && config.metrics.listen.port() != 0 {
                 let path = format!("/queue?limit={limit}");
                 if let Ok(text) = sluice::metrics::http_get(config.metrics.listen, &path) {
-                    print!("{text}");
-                    return Ok(());
+                    return emit(&text);
                 }
             }
             let text = server::queue::render_offline(&config.spool.path, limit)?;
-            print!("{text}");
-            Ok(())
+            emit(&text)
         }
-        "-h" | "--help" | "help" => {
-            println!("{USAGE}");
-            Ok(())
-        }
+        "-h" | "--help" | "help" => emit(&format!("{USAGE}\n")),
         other => Err(format!("unknown command {other:?}\n{USAGE}")),
     }
 }

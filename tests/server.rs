@@ -301,6 +301,60 @@ fn size_and_recipient_limits() {
     assert!(server.queue().is_empty());
 }
 
+/// Regression: `line_endings` and `max_line_length` were not configurable,
+/// so the documented `reject` policy could not be turned on.
+#[test]
+fn bare_line_ending_policy_and_line_length_are_configurable() {
+    let dir = tempdir();
+    let server = Server::start(
+        dir.path(),
+        &config(
+            dir.path(),
+            "line_endings = \"reject\"\nmax_line_length = 1200",
+            "",
+        ),
+    );
+    let mut c = server.client();
+    c.hello();
+    for (body, want) in [
+        ("Subject: a\r\n\r\nbare\nlf\r\n".to_owned(), "550 5.6.0"),
+        ("Subject: b\r\n\r\nbare\rcr\r\n".to_owned(), "550 5.6.0"),
+        (
+            format!("Subject: c\r\n\r\n{}\r\n", "x".repeat(1200)),
+            "250 2.0.0",
+        ),
+        (
+            format!("Subject: d\r\n\r\n{}\r\n", "x".repeat(1201)),
+            "550 5.6.0",
+        ),
+    ] {
+        let r = c.send_mail("a@example.test", &["b@example.test"], &body);
+        assert!(r.starts_with(want), "{want}: {r}");
+    }
+    assert!(c.cmd("QUIT").starts_with("221"));
+    assert_eq!(server.queue().len(), 1);
+}
+
+/// Regression: a transaction still running when the grace period ended was
+/// cut without a word; RFC 5321 3.8 wants a 421 before the close.
+#[test]
+fn transaction_cut_after_grace_period_is_told_421() {
+    let dir = tempdir();
+    let mut server = Server::start(dir.path(), &config(dir.path(), "shutdown_grace = 1", ""));
+    let mut c = server.client();
+    c.hello();
+    assert!(c.cmd("MAIL FROM:<a@example.test>").starts_with("250"));
+    assert!(c.cmd("RCPT TO:<b@example.test>").starts_with("250"));
+    assert!(c.cmd("DATA").starts_with("354"));
+    c.send("Subject: never finished\r\n\r\n");
+    server.signal("TERM");
+    let r = c.reply();
+    assert!(r.starts_with("421 4.3.2 "), "{r:?}");
+    assert_eq!(c.reply(), "", "closed after the 421");
+    let status = server.wait();
+    assert!(status.success(), "{status:?}: {}", server.log_text());
+}
+
 #[test]
 fn sigterm_mid_transaction_completes_then_exits_zero() {
     let dir = tempdir();
@@ -378,6 +432,14 @@ fn metrics_endpoint_scrape() {
         .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
         .sum();
     assert_eq!(accepted, 1.0);
+    // Prometheus' linter (`promtool check metrics`) wants a HELP per family.
+    for family in m.lines().filter_map(|l| l.strip_prefix("# TYPE ")) {
+        let name = family.split(' ').next().unwrap();
+        assert!(
+            m.contains(&format!("# HELP {name} ")),
+            "{name} has no HELP:\n{m}"
+        );
+    }
     assert_eq!(server.http("/health"), "ok\n");
 }
 
@@ -447,6 +509,62 @@ fn check_config_good_and_bad() {
     assert!(!out.status.success());
 }
 
+/// Regression: `sluice queue | head` panicked ("failed printing to stdout:
+/// Broken pipe"). Output to a reader that has gone is not an error.
+#[test]
+fn output_to_a_closed_pipe_does_not_panic() {
+    let dir = tempdir();
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(&cfg, config(dir.path(), "", "")).unwrap();
+    drop(sluice::spool::Spool::open(&dir.path().join("spool")).unwrap());
+    for args in [&["check-config"][..], &["queue", "--config"][..]] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = Command::new(BIN)
+            .args(args)
+            .arg(&cfg)
+            .stdout(writer)
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}
+
+/// Regression: `sluice queue` with no server and no spool created an empty
+/// spool where it looked and answered "count 0".
+#[test]
+fn queue_without_a_spool_says_so_and_creates_nothing() {
+    let dir = tempdir();
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(&cfg, config(dir.path(), "", "")).unwrap();
+    let out = Command::new(BIN)
+        .args(["queue", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(err.starts_with("sluice: error: no spool at"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(!dir.path().join("spool").exists());
+}
+
+#[test]
+fn help_is_not_an_error() {
+    for args in [
+        &["--help"][..],
+        &["serve", "--help"][..],
+        &["queue", "-h"][..],
+    ] {
+        let out = Command::new(BIN).args(args).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        assert!(String::from_utf8_lossy(&out.stdout).starts_with("usage:"));
+    }
+}
+
 fn expect_startup_error(dir: &std::path::Path, cfg: &str, want: &str) {
     match Server::try_start(dir, cfg) {
         Ok(_) => panic!("server started but should not"),
@@ -468,6 +586,44 @@ fn startup_error_port_in_use() {
     let addr = taken.local_addr().unwrap();
     let cfg = config(dir.path(), "", "").replace("127.0.0.1:0\"]", &format!("{addr}\"]"));
     expect_startup_error(dir.path(), &cfg, &format!("cannot listen on {addr}"));
+}
+
+/// Regression: a restart on a fixed port failed with "Address already in
+/// use" for a minute while sessions the server had closed (after QUIT) sat
+/// in TIME_WAIT. Another sluice still listening there must still be refused.
+#[test]
+fn restart_on_the_same_port_despite_time_wait() {
+    // An address of its own: the port the kernel picks for it is freed
+    // between the runs, and another test's server (all on 127.0.0.1) must
+    // not be able to take it in between.
+    let dir = tempdir();
+    let on = |d: &std::path::Path, a: &str| {
+        config(d, "", "").replace("127.0.0.1:0\"]", &format!("{a}\"]"))
+    };
+    let mut first = Server::start(dir.path(), &on(dir.path(), "127.0.0.61:0"));
+    let addr = first.smtp;
+    let fixed = |d: &std::path::Path| on(d, &addr.to_string());
+    let other = tempdir();
+    expect_startup_error(
+        other.path(),
+        &fixed(other.path()),
+        &format!("cannot listen on {addr}"),
+    );
+    for _ in 0..3 {
+        let mut c = first.client();
+        c.hello();
+        assert!(c.cmd("QUIT").starts_with("221"));
+        // EOF: the server closed first, so its side is in TIME_WAIT.
+        assert_eq!(c.reply(), "");
+    }
+    first.signal("TERM");
+    assert!(first.wait().success());
+    // At once: the exited process's listener can outlive it for some
+    // milliseconds (io_uring drops it asynchronously), which the startup
+    // check waits out; the TIME_WAIT sockets stay for 60 s.
+    let second = Server::start(dir.path(), &fixed(dir.path()));
+    assert_eq!(second.smtp, addr);
+    second.client().hello();
 }
 
 #[test]

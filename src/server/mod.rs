@@ -97,7 +97,8 @@ fn session_config(config: &Config) -> SessionConfig {
         command_timeout: s.command_timeout(),
         data_timeout: s.data_timeout(),
         greeting_delay: Duration::from_millis(s.greeting_delay_ms),
-        ..SessionConfig::default()
+        max_line_length: s.max_line_length,
+        line_endings: s.line_endings.into(),
     }
 }
 
@@ -111,8 +112,37 @@ fn probe_listen(addr: SocketAddr) -> Result<(SocketAddr, Option<socket2::Socket>
         // No SO_REUSEPORT here: this bind fails if anything listens on the
         // port, even another process that set SO_REUSEPORT (which would let
         // the shards' binds succeed and silently share the port).
-        std::net::TcpListener::bind(addr).map_err(err)?;
-        return Ok((addr, None));
+        match std::net::TcpListener::bind(addr) {
+            Ok(_) => return Ok((addr, None)),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                // It also fails while connections of our previous run linger
+                // in TIME_WAIT (glommio's listeners set SO_REUSEPORT but not
+                // SO_REUSEADDR, and their accepted sockets inherit that), so a
+                // restart would fail for a minute. Bind as the shards will:
+                // a listener without SO_REUSEPORT or of another user still
+                // conflicts; one that shares the port with us (another sluice)
+                // does not, so look for it by connecting.
+                let sock =
+                    Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+                        .map_err(err)?;
+                sock.set_reuse_port(true).map_err(err)?;
+                sock.bind(&addr.into()).map_err(err)?;
+                drop(sock);
+                // A process that has just exited keeps accepting for some
+                // milliseconds (io_uring drops its pending accept, and with
+                // it the listener, asynchronously): a restart must not take
+                // that for another server, nor share the port with it.
+                let until = std::time::Instant::now() + LINGER;
+                while someone_listens(addr) {
+                    if std::time::Instant::now() >= until {
+                        return Err(err(e));
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                return Ok((addr, None));
+            }
+            Err(e) => return Err(err(e)),
+        }
     }
     let sock =
         Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(err)?;
@@ -124,6 +154,23 @@ fn probe_listen(addr: SocketAddr) -> Result<(SocketAddr, Option<socket2::Socket>
         .as_socket()
         .ok_or_else(|| StartupError(format!("cannot listen on {addr}: not an IP socket")))?;
     Ok((bound, Some(sock)))
+}
+
+/// How long a listener found at startup may take to go away before the
+/// port counts as taken (an exited sluice's lingers ~10 ms).
+const LINGER: Duration = Duration::from_secs(2);
+
+/// Whether something accepts TCP connections at `addr` (the unspecified
+/// address stands for every local one: loopback is asked).
+fn someone_listens(addr: SocketAddr) -> bool {
+    let mut target = addr;
+    if target.ip().is_unspecified() {
+        target.set_ip(match addr {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    std::net::TcpStream::connect_timeout(&target, Duration::from_secs(2)).is_ok()
 }
 
 /// The delivery pieces every shard shares: mesh, resolver thread, routes,

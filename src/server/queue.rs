@@ -127,6 +127,15 @@ pub fn render(
 
 /// `sluice queue` when no server runs: opens the spool directly.
 pub fn render_offline(path: &std::path::Path, limit: usize) -> Result<String, String> {
+    // Opening would create an empty spool: a mistyped path (or the wrong
+    // working directory) would then read as "count 0" and leave a stray
+    // spool behind. A listing never creates anything.
+    if !path.exists() {
+        return Err(format!(
+            "no spool at {} (and no running server answered on the metrics address)",
+            path.display()
+        ));
+    }
     let spool =
         Spool::open(path).map_err(|e| format!("cannot open spool at {}: {e}", path.display()))?;
     render(&spool, limit, None)

@@ -30,6 +30,8 @@ enum Wake<'a> {
     Read(std::io::Result<(Loan<'a>, usize)>),
     Timer,
     Shutdown,
+    /// The shutdown grace period is over.
+    Cut,
 }
 
 /// Runs one SMTP session to completion; the caller holds the connection
@@ -104,12 +106,18 @@ pub(crate) async fn drive(mut stream: TcpStream, peer: SocketAddr, ctx: Rc<Shard
                 let _ = ctx.shutdown.acquire(1).await;
                 Wake::Shutdown
             };
-            future::or(read, future::or(timer, stop)).await
+            let cut = async {
+                // Closed when the grace period ends; never signalled.
+                let _ = ctx.cut.acquire(1).await;
+                Wake::Cut
+            };
+            future::or(read, future::or(timer, future::or(stop, cut))).await
         };
         match &wake {
             Wake::Read(r) => tracing::trace!(read = ?r.as_ref().map(|(_, n)| *n), "woke: read"),
             Wake::Timer => tracing::trace!("woke: timer"),
             Wake::Shutdown => tracing::trace!("woke: shutdown"),
+            Wake::Cut => tracing::trace!("woke: grace period over"),
         }
         match wake {
             Wake::Read(Ok((_, 0))) | Wake::Read(Err(_)) => {
@@ -127,6 +135,22 @@ pub(crate) async fn drive(mut stream: TcpStream, peer: SocketAddr, ctx: Rc<Shard
                 }
             }
             Wake::Shutdown => {}
+            Wake::Cut => {
+                // RFC 5321 3.8: say so before closing. The transaction is
+                // lost to the client (no 250), so it retries.
+                let line = format!(
+                    "421 4.3.2 {} Service shutting down, closing transmission channel\r\n",
+                    ctx.hostname
+                );
+                write_all(
+                    &mut stream,
+                    line.as_bytes(),
+                    Instant::now() + super::shard::CUT_WRITE,
+                )
+                .await;
+                let _ = stream.close().await;
+                return;
+            }
         }
     }
     // One final pass so replies queued by EOF/timeout handling get out.

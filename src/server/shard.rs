@@ -54,6 +54,9 @@ pub(crate) struct ShardCtx {
     pub session_timeout: Duration,
     /// Closed (never signalled) at shutdown: every waiter wakes with an error.
     pub shutdown: Semaphore,
+    /// Closed when the shutdown grace period is over: sessions still running
+    /// are told `421 4.3.2` and closed (RFC 5321 3.8).
+    pub cut: Semaphore,
     shutting_down: Cell<bool>,
     active: Cell<usize>,
     /// Signalled when the last session ends during shutdown.
@@ -65,6 +68,10 @@ impl ShardCtx {
         self.shutting_down.get()
     }
 }
+
+/// How long a session cut at the end of the grace period may take to write
+/// its `421` to a client that does not read.
+pub(crate) const CUT_WRITE: Duration = Duration::from_secs(1);
 
 /// How often a shard looks at the process-wide stop flag. Signals arrive on
 /// the main thread; polling a flag is simpler than a cross-thread waker and
@@ -134,6 +141,7 @@ pub(crate) async fn run(spec: ShardSpec) {
         buffers: super::buffers::BufferPool::new(config.server.read_buffer_size),
         session_timeout: config.server.session_timeout(),
         shutdown: Semaphore::new(0),
+        cut: Semaphore::new(0),
         shutting_down: Cell::new(false),
         active: Cell::new(0),
         drained: Semaphore::new(0),
@@ -176,6 +184,15 @@ pub(crate) async fn run(spec: ShardSpec) {
             sessions = ctx.active.get(),
             "grace period over; closing remaining sessions"
         );
+        // Each writes its 421 (bounded by CUT_WRITE) and ends.
+        ctx.cut.close();
+        future::or(
+            async {
+                let _ = ctx.drained.acquire(1).await;
+            },
+            glommio::timer::sleep(CUT_WRITE * 2),
+        )
+        .await;
     }
     if !engine.drain(grace_end).await {
         tracing::warn!(

@@ -462,22 +462,36 @@ impl Session {
                 0,
                 "Cannot VRFY user, but will accept message and attempt delivery"
             )),
-            Command::Expn(_) => {
-                self.reject(Stage::Other, reply!(502, 5, 5, 1, "Error: EXPN not supported"))
+            Command::Expn(_) => self.reject(
+                Stage::Other,
+                reply!(502, 5, 5, 1, "Error: EXPN not supported"),
+            ),
+            Command::Help(_) => {
+                // Name only what this session offers, as EHLO does.
+                let mut text = String::from(
+                    "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP",
+                );
+                if self.peer.starttls_available && !self.peer.tls_active {
+                    text.push_str(" STARTTLS");
+                }
+                if !self.peer.auth_mechanisms.is_empty() {
+                    text.push_str(" AUTH");
+                }
+                text.push_str(" (see RFC 5321)");
+                self.ok(reply!(214, 2, 0, 0, text))
             }
-            Command::Help(_) => self.ok(reply!(
-                214,
-                2,
-                0,
-                0,
-                "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS (see RFC 5321)"
-            )),
             Command::StartTls => self.starttls(more_pending),
             Command::Auth { .. } => {
                 let r = if self.peer.auth_mechanisms.is_empty() {
                     reply!(503, 5, 5, 1, "Error: authentication not enabled")
                 } else {
-                    reply!(504, 5, 5, 4, "Error: authentication mechanism not supported")
+                    reply!(
+                        504,
+                        5,
+                        5,
+                        4,
+                        "Error: authentication mechanism not supported"
+                    )
                 };
                 self.reject(Stage::Other, r);
             }

@@ -185,6 +185,11 @@ fn starttls_and_auth_advertised_only_when_available() {
         "{r}"
     );
     assert!(r.contains("AUTH PLAIN LOGIN"), "{r}");
+    let help = h.send(b"HELP\r\n");
+    assert!(
+        help.contains(" STARTTLS") && help.contains(" AUTH"),
+        "{help}"
+    );
 }
 
 #[test]
@@ -439,7 +444,13 @@ fn simple_commands() {
     assert_eq!(h.send(b"NOOP\r\n"), "250 2.0.0 Ok\r\n");
     assert_eq!(h.send(b"rset\r\n"), "250 2.0.0 Ok\r\n");
     assert!(h.send(b"VRFY postmaster\r\n").starts_with("252 2.5.0 "));
-    assert!(h.send(b"HELP\r\n").starts_with("214 2.0.0 "));
+    let help = h.send(b"HELP\r\n");
+    assert!(help.starts_with("214 2.0.0 "), "{help}");
+    // Regression: HELP named STARTTLS although EHLO did not offer it.
+    assert!(
+        !help.contains("STARTTLS") && !help.contains("AUTH"),
+        "{help}"
+    );
     assert!(h.send(b"EXPN list\r\n").starts_with("502 5.5.1 "));
     assert!(h.send(b"AUTH PLAIN\r\n").starts_with("503 5.5.1 "));
     assert!(h.send(b"STARTTLS\r\n").starts_with("502 5.5.1 "));
