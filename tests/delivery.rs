@@ -164,6 +164,64 @@ fn delivered_via_route_over_one_reused_connection() {
     );
 }
 
+/// `/metrics` passes `promtool check metrics` (every series has `# HELP`),
+/// and the accounting log's own counters are exported (its handles were once
+/// taken before the recorder existed, so they never showed).
+#[test]
+fn metrics_are_described_and_count_the_accounting_log() {
+    let dir = tempdir();
+    let sink = Sink::start(dir.path(), "mx", &["127.0.0.2:0"], &[]);
+    let server = Server::start(
+        dir.path(),
+        &cfg(
+            dir.path(),
+            None,
+            &delivery(&[]),
+            &[("d.test", sink.addr().to_string())],
+        ),
+    );
+    let id = send(&server, "sender@src.test", &["a@d.test"], "m@metrics");
+    wait_spool_empty(&server);
+    let log = accounting(dir.path(), |l| events(l, "delivery", &id).len() == 1);
+    let written = log.len() as f64;
+    poll("sluice_log_records_total", || {
+        (metric(&server, "sluice_log_records_total", &[]) >= written).then_some(())
+    });
+    let body = server.http("/metrics");
+    for line in body.lines().filter(|l| l.starts_with("# TYPE ")) {
+        let name = line.split(' ').nth(2).unwrap();
+        assert!(
+            body.contains(&format!("# HELP {name} ")),
+            "{name} has no HELP text"
+        );
+    }
+    let promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    match promtool {
+        Ok(mut child) => {
+            use std::io::Write;
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(body.as_bytes())
+                .unwrap();
+            let out = child.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "promtool: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Err(_) => eprintln!("promtool not installed: HELP lines checked only"),
+    }
+}
+
 #[test]
 fn delivered_via_mx_next_mx_when_the_first_is_down() {
     let dir = tempdir();
