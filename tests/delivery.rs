@@ -222,6 +222,40 @@ fn metrics_are_described_and_count_the_accounting_log() {
     }
 }
 
+/// BDAT to a server offering CHUNKING (issue 4: "BDAT when offered"), DATA
+/// with `chunking = false`; either way lines starting with a dot arrive
+/// intact (stuffed on DATA, not on BDAT).
+#[test]
+fn bdat_when_offered_data_when_off_and_leading_dots_intact() {
+    for (chunking, transfer) in [("true", "BDAT"), ("false", "DATA")] {
+        let dir = tempdir();
+        let sink = Sink::start(dir.path(), "mx", &["127.0.0.2:0"], &[]);
+        let server = Server::start(
+            dir.path(),
+            &cfg(
+                dir.path(),
+                None,
+                &delivery(&[("chunking", chunking)]),
+                &[("d.test", sink.addr().to_string())],
+            ),
+        );
+        // Dot-stuffed on the way in: the spool holds `.one`, `..two`, `.`.
+        let body = "Message-ID: <dots@chunking>\r\n\r\n..one\r\n...two\r\n..\r\nend\r\n";
+        let mut c = server.client();
+        c.hello();
+        queued_id(&c.send_mail("s@src.test", &["a@d.test"], body));
+        let stored = sink.wait_stored(1);
+        assert_eq!(stored[0].1["transfer"], transfer, "chunking = {chunking}");
+        assert!(
+            stored[0]
+                .0
+                .ends_with("\r\n\r\n.one\r\n..two\r\n.\r\nend\r\n"),
+            "{}",
+            stored[0].0
+        );
+    }
+}
+
 #[test]
 fn delivered_via_mx_next_mx_when_the_first_is_down() {
     let dir = tempdir();
