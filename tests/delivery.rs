@@ -401,6 +401,9 @@ fn temporary_failure_then_accepted_is_delivered_exactly_once() {
     assert_eq!(deferrals.len(), 1, "{log:?}");
     assert_eq!(deferrals[0]["reply"]["code"], 451);
     assert_eq!(deferrals[0]["attempt"], 1);
+    // The remote answered: its address is logged (docs/delivery-log.md).
+    assert_eq!(deferrals[0]["remote_host"], "127.0.0.2");
+    assert_eq!(deferrals[0]["remote_ip"], "127.0.0.2", "{log:?}");
     let deliveries = events(&log, "delivery", &id);
     assert_eq!(deliveries.len(), 1, "{log:?}");
     assert_eq!(deliveries[0]["attempt"], 2);
@@ -434,7 +437,7 @@ fn permanent_failure_bounces_with_the_remote_reply_envid_and_orcpt() {
         .starts_with("250"));
     assert!(c.cmd("DATA").starts_with("354"));
     c.send("Message-ID: <m@perm>\r\nSubject: perm\r\n\r\nx\r\n.\r\n");
-    queued_id(&c.reply());
+    let id = queued_id(&c.reply());
     let stored = senders.wait_stored(1);
     let dsn = &stored[0].0;
     assert!(dsn.contains("Status: 5.1.1"), "{dsn}");
@@ -451,6 +454,11 @@ fn permanent_failure_bounces_with_the_remote_reply_envid_and_orcpt() {
     );
     wait_spool_empty(&server);
     assert!(sink.received().is_empty(), "nothing was accepted at the MX");
+    let log = accounting(dir.path(), |l| !events(l, "bounce", &id).is_empty());
+    let bounce = events(&log, "bounce", &id)[0];
+    assert_eq!(bounce["reason"], "remote");
+    assert_eq!(bounce["remote_host"], "127.0.0.2");
+    assert_eq!(bounce["remote_ip"], "127.0.0.2", "{bounce}");
 }
 
 #[test]
