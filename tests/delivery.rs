@@ -256,6 +256,57 @@ fn bdat_when_offered_data_when_off_and_leading_dots_intact() {
     }
 }
 
+/// A destination whose host refuses connections is held once per outage,
+/// however many connections found it down together: each of them used to
+/// count as one more consecutive failure, so one short outage of a busy
+/// destination doubled its hold up to `max_connections` times.
+#[test]
+fn parallel_connection_failures_back_a_destination_off_once() {
+    let dir = tempdir();
+    // Nothing listens there: every connection is refused at once.
+    let dead = format!("127.0.0.2:{}", free_port("127.0.0.2"));
+    let server = Server::start(
+        dir.path(),
+        &cfg(
+            dir.path(),
+            None,
+            &delivery(&[
+                ("retry_initial", "60"),
+                ("retry_max", "3600"),
+                ("max_connections", "4"),
+                ("max_recipients_per_transaction", "1"),
+            ]),
+            &[("d.test", dead)],
+        ),
+    );
+    // One message, four entries for d.test at once: four connections start
+    // together and all fail.
+    let id = send(
+        &server,
+        "s@src.test",
+        &["a@d.test", "b@d.test", "c@d.test", "d@d.test"],
+        "m@held",
+    );
+    accounting(dir.path(), |l| events(l, "deferral", &id).len() == 4);
+    assert_eq!(
+        metric(&server, "sluice_delivery_connect_failures_total", &[]),
+        4.0,
+        "four connections tried"
+    );
+    assert_eq!(
+        metric(&server, "sluice_delivery_destinations_held_total", &[]),
+        1.0
+    );
+    // The destination is held (for retry_initial: one failure, not four).
+    let queue = server.http("/queue");
+    assert!(
+        queue
+            .lines()
+            .any(|l| l.starts_with("domain\td.test") && l.contains("held_until=")),
+        "{queue}"
+    );
+}
+
 #[test]
 fn delivered_via_mx_next_mx_when_the_first_is_down() {
     let dir = tempdir();

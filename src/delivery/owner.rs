@@ -283,11 +283,25 @@ impl Engine {
     /// No host of `dest` could be reached (or DNS failed temporarily): back
     /// the destination off as a whole and defer everything ready for it.
     pub(super) fn destination_unreachable(self: &Rc<Self>, dest: &Dest, reply: &Reply) {
-        let failures = dest.failures.get().saturating_add(1);
-        dest.failures.set(failures);
-        let until = now_ms() + self.policy.delay_ms(failures, rand::random::<f64>());
+        let now = now_ms();
+        let held = self.queues.borrow().held_until(&dest.domain, now);
+        let (failures, until) = match held {
+            // Another connection of this destination, started in the same
+            // round, failed first: one outage counts once. (Counting each of
+            // up to max_connections tasks made one short outage of a busy
+            // destination hold it for retry_max.)
+            Some(until) => (dest.failures.get(), until),
+            None => {
+                let failures = dest.failures.get().saturating_add(1);
+                dest.failures.set(failures);
+                self.metrics.destinations_held.increment(1);
+                (
+                    failures,
+                    now + self.policy.delay_ms(failures, rand::random::<f64>()),
+                )
+            }
+        };
         let taken = self.queues.borrow_mut().hold(&dest.domain, until);
-        self.metrics.destinations_held.increment(1);
         tracing::info!(
             domain = %dest.domain,
             failures,
