@@ -47,7 +47,7 @@ fn bench(c: &mut Criterion) {
 
     // The machine is shared and noisy and criterion reports means: first the
     // best of many interleaved rounds, which is robust to load.
-    const ROUNDS: usize = 3000;
+    const ROUNDS: usize = 20000;
     let mut best = [f64::MAX; 3];
     for _ in 0..ROUNDS {
         let t = std::time::Instant::now();

@@ -2,7 +2,8 @@
 //! bounds, all in one run over the same inputs (issue 2).
 //!
 //! Inputs: message bodies of 4 KiB, 64 KiB and 1 MiB made of 78-character
-//! lines, clean and with 1% of lines dot-stuffed, ending in `CRLF.CRLF`. Every
+//! lines, clean and with 1% of lines dot-stuffed, and of 990-character lines
+//! (near the 998 limit), ending in `CRLF.CRLF`. Every
 //! decoder is fed the same 64 KiB chunks and appends the decoded body to a
 //! reused `Vec` (capacity kept, so no decoder pays for allocation):
 //!
@@ -26,19 +27,26 @@ use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criteri
 use sluice::smtp::data::{DataLimits, DataScanner, LineEndingPolicy};
 
 const CHUNK: usize = 64 * 1024;
-const LINE: usize = 78;
 
-/// A body of about `size` wire octets: 78-character lines (one in `stuff_every`
-/// starting with a dot, so dot-stuffed on the wire), then the terminator.
-fn make_body(size: usize, stuff_every: Option<usize>) -> Vec<u8> {
+/// The inputs: (name, line length, one line in how many dot-stuffed).
+const KINDS: [(&str, usize, Option<usize>); 3] = [
+    ("clean", 78, None),
+    ("stuffed_1pct", 78, Some(100)),
+    ("lines_990", 990, None),
+];
+
+/// A body of about `size` wire octets: lines of `line` characters (one in
+/// `stuff_every` starting with a dot, so dot-stuffed on the wire), then the
+/// terminator.
+fn make_body(size: usize, line: usize, stuff_every: Option<usize>) -> Vec<u8> {
     const ALPHABET: &[u8] =
         b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 ,;:-=+/";
     let mut out = Vec::with_capacity(size + 128);
     let mut seed: u32 = 0x9e37_79b9;
     let mut n = 0usize;
-    while out.len() + LINE + 2 + 3 <= size {
+    while out.len() + line + 2 + 3 <= size {
         let stuffed = stuff_every.is_some_and(|k| n % k == k / 2);
-        let mut len = LINE;
+        let mut len = line;
         if stuffed {
             // The line's text starts with a dot; on the wire it is doubled.
             out.extend_from_slice(b"..");
@@ -179,13 +187,13 @@ fn best_of_interleaved() {
         ("memcpy", memcpy),
     ];
     println!("best of {ROUNDS} interleaved rounds (GB/s = 1e9 bytes/s), ratio = sluice / decoder:");
-    for (kind, stuff) in [("clean", None), ("stuffed_1pct", Some(100))] {
+    for (kind, line, stuff) in KINDS {
         for (label, size) in [
             ("4KiB", 4 * 1024),
             ("64KiB", 64 * 1024),
             ("1MiB", 1024 * 1024),
         ] {
-            let input = make_body(size, stuff);
+            let input = make_body(size, line, stuff);
             let mut out = Vec::with_capacity(input.len());
             let mut best = [f64::MAX; 6];
             let reps = (4 * 1024 * 1024 / input.len()).max(1);
@@ -216,7 +224,7 @@ fn best_of_interleaved() {
 
 fn bench(c: &mut Criterion) {
     best_of_interleaved();
-    for (kind, stuff) in [("clean", None), ("stuffed_1pct", Some(100))] {
+    for (kind, line, stuff) in KINDS {
         let mut g = c.benchmark_group(format!("data_scanner/{kind}"));
         g.warm_up_time(Duration::from_millis(500));
         g.measurement_time(Duration::from_secs(3));
@@ -226,7 +234,7 @@ fn bench(c: &mut Criterion) {
             ("64KiB", 64 * 1024),
             ("1MiB", 1024 * 1024),
         ] {
-            let input = make_body(size, stuff);
+            let input = make_body(size, line, stuff);
             let mut out = Vec::with_capacity(input.len());
             let mut line = Vec::with_capacity(1024);
 

@@ -6,13 +6,15 @@
 //! body. The scanner is fed the body in those chunks, the reference the whole
 //! body at once, and every observable must agree: bytes consumed (where the
 //! terminator ends), the stored body, the first violation and the size count.
+//! This holds for every block kernel the CPU has (AVX2, SSE2, portable) and
+//! for both ways of storing (fused into a `Vec`, or `extend_body`).
 //! On top of the equality, nothing with a bare CR or LF may reach the sink,
 //! nor more than `max_size` octets.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use sluice::smtp::data::reference::{self, Mode, Reference};
-use sluice::smtp::data::{DataLimits, DataScanner, LineEndingPolicy};
+use sluice::smtp::data::{BodySink, DataLimits, DataScanner, Kernel, LineEndingPolicy};
 
 const HEADER: usize = 12;
 
@@ -63,18 +65,60 @@ fuzz_target!(|data: &[u8]| {
     cuts.sort_unstable();
 
     let want = reference::decode(mode, &limits, body);
+    // Every block kernel this CPU has, with a `Vec` sink (the fused copy)
+    // and with a sink that is not a `Vec` (scan, then `extend_body`).
+    for kernel in Kernel::available() {
+        let got = run(mode, limits, kernel, body, &cuts, &mut Vec::new());
+        assert_eq!(got, want, "kernel {} (Vec sink)", kernel.name());
+        let got = run(mode, limits, kernel, body, &cuts, &mut Opaque(Vec::new()));
+        assert_eq!(got, want, "kernel {} (opaque sink)", kernel.name());
+    }
+});
 
-    let mut s = match mode {
+/// A sink that is not a `Vec`.
+struct Opaque(Vec<u8>);
+
+impl BodySink for Opaque {
+    fn extend_body(&mut self, bytes: &[u8]) {
+        self.0.extend_from_slice(bytes);
+    }
+}
+
+trait Bytes: BodySink {
+    fn bytes(&mut self) -> Vec<u8>;
+}
+
+impl Bytes for Vec<u8> {
+    fn bytes(&mut self) -> Vec<u8> {
+        std::mem::take(self)
+    }
+}
+
+impl Bytes for Opaque {
+    fn bytes(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.0)
+    }
+}
+
+fn run<S: Bytes>(
+    mode: Mode,
+    limits: DataLimits,
+    kernel: Kernel,
+    body: &[u8],
+    cuts: &[usize],
+    sink: &mut S,
+) -> Reference {
+    let s = match mode {
         Mode::Dot => DataScanner::dot(limits),
         Mode::Raw => DataScanner::raw(limits),
     };
-    let mut sink = Vec::new();
+    let mut s = s.with_kernel(kernel);
     let mut consumed = 0;
     let mut last = 0;
-    for end in cuts.into_iter().chain(std::iter::once(body.len())) {
+    for &end in cuts.iter().chain(std::iter::once(&body.len())) {
         let chunk = &body[last..end];
         last = end;
-        let n = s.feed(chunk, &mut sink);
+        let n = s.feed(chunk, sink);
         assert!(n <= chunk.len());
         consumed += n;
         if s.is_finished() {
@@ -84,25 +128,25 @@ fuzz_target!(|data: &[u8]| {
     }
     let finished = mode == Mode::Raw || s.is_finished();
     if finished {
-        let r = s.finish(&mut sink);
+        let r = s.finish(sink);
         assert_eq!(r.err(), s.error());
     }
-    for (i, &b) in sink.iter().enumerate() {
+    let stored = sink.bytes();
+    for (i, &b) in stored.iter().enumerate() {
         if b == b'\r' {
-            assert_eq!(sink.get(i + 1), Some(&b'\n'), "bare CR stored at {i}");
+            assert_eq!(stored.get(i + 1), Some(&b'\n'), "bare CR stored at {i}");
         }
         if b == b'\n' {
-            assert!(i > 0 && sink[i - 1] == b'\r', "bare LF stored at {i}");
+            assert!(i > 0 && stored[i - 1] == b'\r', "bare LF stored at {i}");
         }
     }
-    if let Some(max) = max_size {
-        assert!(sink.len() as u64 <= max, "sink grew past max_size");
+    if let Some(max) = limits.max_size {
+        assert!(stored.len() as u64 <= max, "sink grew past max_size");
     }
-    let got = Reference {
+    Reference {
         consumed: finished.then_some(consumed),
-        body: sink,
+        body: stored,
         error: s.error(),
         size: s.size(),
-    };
-    assert_eq!(got, want);
-});
+    }
+}

@@ -69,9 +69,13 @@ pub enum AddressError {
 /// A validated domain name (RFC 5321 §4.1.2 Domain; U-labels allowed, flagged by
 /// `is_ascii() == false`). Equality and Hash are ASCII-case-insensitive;
 /// [`Domain::as_str`] keeps the original spelling; a trailing dot is not accepted.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Domain {
+    /// The domain, from `start` on. A domain parsed as part of an
+    /// [`Address`] carries the address's local part and `@` in front of it:
+    /// the address then needs one allocation, not two.
     text: Box<str>,
+    start: u32,
     ascii: bool,
 }
 
@@ -82,23 +86,26 @@ impl Domain {
         if b.is_empty() {
             return Err(AddressError::Empty);
         }
-        let end = scan_domain(b, 0)?;
+        let (end, ascii) = scan_domain(b, 0)?;
         if end != b.len() {
             return Err(AddressError::InvalidDomainChar);
         }
-        Ok(Domain::from_validated(s))
-    }
-
-    fn from_validated(s: &str) -> Domain {
-        Domain {
-            ascii: s.is_ascii(),
+        Ok(Domain {
             text: Box::from(s),
-        }
+            start: 0,
+            ascii,
+        })
     }
 
     /// The domain as written by the client.
     pub fn as_str(&self) -> &str {
-        &self.text
+        &self.text[self.start as usize..]
+    }
+
+    /// What is stored in front of the domain (`local@` for one parsed with
+    /// an address, else nothing).
+    fn prefix(&self) -> &str {
+        &self.text[..self.start as usize]
     }
 
     /// False when the domain has U-labels (needs SMTPUTF8 / IDNA to relay).
@@ -108,19 +115,25 @@ impl Domain {
 
     /// ASCII-lowercased copy: the key for routing tables and per-domain queues.
     pub fn to_lowercase(&self) -> String {
-        self.text.to_ascii_lowercase()
+        self.as_str().to_ascii_lowercase()
+    }
+}
+
+impl fmt::Debug for Domain {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Domain").field(&self.as_str()).finish()
     }
 }
 
 impl fmt::Display for Domain {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.text)
+        f.write_str(self.as_str())
     }
 }
 
 impl PartialEq for Domain {
     fn eq(&self, other: &Self) -> bool {
-        self.text.eq_ignore_ascii_case(&other.text)
+        self.as_str().eq_ignore_ascii_case(other.as_str())
     }
 }
 
@@ -131,7 +144,7 @@ impl Hash for Domain {
         // Must agree with the case-insensitive Eq: hash the lowercased bytes,
         // in chunks through a stack buffer so hashing does not allocate.
         let mut buf = [0u8; 64];
-        for chunk in self.text.as_bytes().chunks(buf.len()) {
+        for chunk in self.as_str().as_bytes().chunks(buf.len()) {
             let out = &mut buf[..chunk.len()];
             out.copy_from_slice(chunk);
             out.make_ascii_lowercase();
@@ -227,10 +240,17 @@ impl fmt::Display for Host {
 /// wire (quoted string form included) so what is relayed goes to exactly the
 /// address given: `"u@evil"@ok` has local part `"u@evil"` and host `ok`, and
 /// `u%evil@ok` / `evil!u@ok` stay literal local parts.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+///
+/// Equality and Hash: the local part exactly, the host as [`Host`] compares
+/// (domains ASCII-case-insensitively).
+#[derive(Clone)]
 pub struct Address {
-    local: Box<str>,
+    /// The local part, unless it is stored in front of the domain (see
+    /// [`Domain`]): only addresses with an address literal keep it here.
+    local: Option<Box<str>>,
     host: Host,
+    /// Non-ASCII somewhere (found while parsing).
+    utf8: bool,
 }
 
 impl Address {
@@ -249,7 +269,15 @@ impl Address {
 
     /// The local part exactly as written (quotes and quoted pairs included).
     pub fn local_part(&self) -> &str {
-        &self.local
+        match (&self.local, &self.host) {
+            (Some(local), _) => local,
+            // `local@` in front of the domain.
+            (None, Host::Domain(d)) => {
+                let prefix = d.prefix();
+                &prefix[..prefix.len().saturating_sub(1)]
+            }
+            (None, Host::Literal(_)) => unreachable!("an address literal keeps its local part"),
+        }
     }
 
     /// The host part.
@@ -268,13 +296,37 @@ impl Address {
     /// True when the address has non-ASCII characters, so it may only be used
     /// in a transaction that declared SMTPUTF8 (RFC 6531 §3.4).
     pub fn needs_smtputf8(&self) -> bool {
-        !self.local.is_ascii() || matches!(&self.host, Host::Domain(d) if !d.is_ascii())
+        self.utf8
+    }
+}
+
+impl PartialEq for Address {
+    fn eq(&self, other: &Self) -> bool {
+        self.local_part() == other.local_part() && self.host == other.host
+    }
+}
+
+impl Eq for Address {}
+
+impl Hash for Address {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.local_part().hash(state);
+        self.host.hash(state);
+    }
+}
+
+impl fmt::Debug for Address {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Address")
+            .field("local", &self.local_part())
+            .field("host", &self.host)
+            .finish()
     }
 }
 
 impl fmt::Display for Address {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}@{}", self.local, self.host)
+        write!(f, "{}@{}", self.local_part(), self.host)
     }
 }
 
@@ -377,9 +429,10 @@ fn class(c: u8) -> u8 {
     CLASS[c as usize]
 }
 
-/// Scans a Domain starting at `start`; returns the index just past it. The
-/// caller decides whether the following byte is acceptable.
-pub(crate) fn scan_domain(b: &[u8], start: usize) -> Result<usize, AddressError> {
+/// Scans a Domain starting at `start`; returns the index just past it and
+/// whether it is all ASCII. The caller decides whether the following byte is
+/// acceptable.
+pub(crate) fn scan_domain(b: &[u8], start: usize) -> Result<(usize, bool), AddressError> {
     let mut i = start;
     loop {
         let label_start = i;
@@ -411,11 +464,13 @@ pub(crate) fn scan_domain(b: &[u8], start: usize) -> Result<usize, AddressError>
     if i - start > MAX_DOMAIN_LEN {
         return Err(AddressError::DomainTooLong);
     }
-    Ok(i)
+    // One pass a word at a time, cheaper than tracking it per byte above.
+    Ok((i, b[start..i].is_ascii()))
 }
 
-/// Scans a local part (Dot-string or Quoted-string) starting at `start`.
-fn scan_local_part(b: &[u8], start: usize) -> Result<usize, AddressError> {
+/// Scans a local part (Dot-string or Quoted-string) starting at `start`;
+/// returns the index just past it and whether it is all ASCII.
+fn scan_local_part(b: &[u8], start: usize) -> Result<(usize, bool), AddressError> {
     let mut i = start;
     if b.get(i) == Some(&b'"') {
         i += 1;
@@ -456,14 +511,16 @@ fn scan_local_part(b: &[u8], start: usize) -> Result<usize, AddressError> {
     if i - start > MAX_LOCAL_PART_LEN {
         return Err(AddressError::LocalPartTooLong);
     }
-    Ok(i)
+    Ok((i, b[start..i].is_ascii()))
 }
 
 /// Parses `local@host` starting at `start`; returns the address and the index
 /// just past it (the caller checks what follows: end of string or `>`).
+/// One allocation for an address with a domain: the local part, `@` and the
+/// domain, as written, in one buffer (see [`Domain`]).
 pub(crate) fn parse_mailbox(s: &str, start: usize) -> Result<(Address, usize), AddressError> {
     let b = s.as_bytes();
-    let local_end = scan_local_part(b, start)?;
+    let (local_end, local_ascii) = scan_local_part(b, start)?;
     match b.get(local_end) {
         Some(b'@') => {}
         None | Some(b'>') => return Err(AddressError::MissingAt),
@@ -472,28 +529,33 @@ pub(crate) fn parse_mailbox(s: &str, start: usize) -> Result<(Address, usize), A
         Some(_) => return Err(AddressError::InvalidLocalPart),
     }
     let host_start = local_end + 1;
-    let (host, end) = if b.get(host_start) == Some(&b'[') {
+    if b.get(host_start) == Some(&b'[') {
         let close = b[host_start..]
             .iter()
             .position(|&c| c == b']')
             .map(|p| host_start + p)
             .ok_or(AddressError::InvalidLiteral)?;
         let lit = AddressLiteral::parse_inner(&s[host_start + 1..close])?;
-        (Host::Literal(lit), close + 1)
-    } else {
-        let end = scan_domain(b, host_start)?;
-        (
-            Host::Domain(Domain::from_validated(&s[host_start..end])),
-            end,
-        )
+        let addr = Address {
+            local: Some(Box::from(&s[start..local_end])),
+            host: Host::Literal(lit),
+            utf8: !local_ascii,
+        };
+        return Ok((addr, close + 1));
+    }
+    let (end, domain_ascii) = scan_domain(b, host_start)?;
+    let domain = Domain {
+        text: Box::from(&s[start..end]),
+        // The local part is at most 64 octets (checked above).
+        start: (host_start - start) as u32,
+        ascii: domain_ascii,
     };
-    Ok((
-        Address {
-            local: Box::from(&s[start..local_end]),
-            host,
-        },
-        end,
-    ))
+    let addr = Address {
+        local: None,
+        host: Host::Domain(domain),
+        utf8: !(local_ascii && domain_ascii),
+    };
+    Ok((addr, end))
 }
 
 /// Skips an RFC 5321 A-d-l source route (`@a,@b:`) starting at `start` (on the
@@ -505,7 +567,9 @@ pub(crate) fn skip_source_route(b: &[u8], start: usize) -> Result<usize, Address
         if b.get(i) != Some(&b'@') {
             return Err(AddressError::InvalidSourceRoute);
         }
-        i = scan_domain(b, i + 1).map_err(|_| AddressError::InvalidSourceRoute)?;
+        i = scan_domain(b, i + 1)
+            .map_err(|_| AddressError::InvalidSourceRoute)?
+            .0;
         match b.get(i) {
             Some(b',') => i += 1,
             Some(b':') => return Ok(i + 1),

@@ -298,9 +298,14 @@ const K_STARTTLS: u64 = verb_key(b"STARTTLS");
 
 /// Parses one command line WITHOUT its CRLF (the session strips it).
 pub fn parse_command(line: &[u8]) -> Result<Command, CommandError> {
-    let s = std::str::from_utf8(line)
-        .map_err(|_| CommandError::InvalidUtf8)?
-        .trim_end_matches([' ', '\t']);
+    let s = std::str::from_utf8(line).map_err(|_| CommandError::InvalidUtf8)?;
+    // Trailing spaces and tabs (byte loops here and below: `trim_*_matches`
+    // with a char pattern costs more than the rest of a short command).
+    let mut end = s.len();
+    while end > 0 && matches!(s.as_bytes()[end - 1], b' ' | b'\t') {
+        end -= 1;
+    }
+    let s = &s[..end];
     let b = s.as_bytes();
 
     // The verb ends at the first space; no verb is longer than 8 bytes, so a
@@ -314,7 +319,7 @@ pub fn parse_command(line: &[u8]) -> Result<Command, CommandError> {
     }
     let verb = &b[..verb_end];
     // Everything after the verb, without the separating spaces.
-    let args = s[verb_end..].trim_start_matches(' ');
+    let args = skip_spaces(&s[verb_end..]);
     if verb.is_empty() {
         return Err(if args.is_empty() {
             CommandError::Empty
@@ -323,7 +328,7 @@ pub fn parse_command(line: &[u8]) -> Result<Command, CommandError> {
         });
     }
 
-    let key = verb_key(verb);
+    let key = packed_key(b, 0, verb.len());
     let cmd = match (verb.len(), key) {
         (4, K_MAIL) => return parse_mail(args).map(Command::Mail),
         (4, K_RCPT) => return parse_rcpt(args).map(Command::Rcpt),
@@ -444,6 +449,14 @@ fn parse_u64(s: &str) -> Option<u64> {
     Some(v)
 }
 
+/// `s` without its leading spaces.
+#[inline]
+fn skip_spaces(s: &str) -> &str {
+    let n = s.bytes().take_while(|&c| c == b' ').count();
+    // Spaces are ASCII: a char boundary.
+    &s[n..]
+}
+
 /// Checks `prefix` (ASCII, upper case) case-insensitively and returns the rest.
 #[inline]
 fn strip_prefix_ci<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
@@ -505,25 +518,57 @@ fn parse_path(s: &str, allow_postmaster: bool) -> Result<(Path, &str), PathError
 
 /// Splits the text after the path into `keyword[=value]` parameters. The path
 /// must be followed by a space or the end of the line.
-fn params<'a>(
-    rest: &'a str,
-    syntax: &'static str,
-) -> Result<impl Iterator<Item = Result<(&'a str, Option<&'a str>), CommandError>>, CommandError> {
+fn params<'a>(rest: &'a str, syntax: &'static str) -> Result<Params<'a>, CommandError> {
     if !rest.is_empty() && !rest.starts_with(' ') {
         return Err(CommandError::Syntax(syntax));
     }
     Ok(Params { rest })
 }
 
-/// The space-separated words after the path, split into `keyword[=value]`.
-/// A hand-written byte loop: the words are short, and `str::split` /
-/// `str::find` (a `memchr` call per word) cost more than the whole parse.
+/// One `esmtp-param = esmtp-keyword ["=" esmtp-value]` (RFC 5321 §4.1.2).
+struct Param<'a> {
+    keyword: &'a str,
+    /// The keyword packed as [`verb_key`] does (0 if longer than 8 bytes):
+    /// the known keywords are matched with one comparison.
+    key: u64,
+    value: Option<&'a str>,
+}
+
+/// The space-separated words after the path, each split and validated in
+/// one pass over its bytes (no `memchr` or `split` per word: the words are
+/// short and those calls cost more than the whole parse).
 struct Params<'a> {
     rest: &'a str,
 }
 
+/// Byte classes for parameters: keyword bytes, value bytes, delimiters.
+const P_KEYWORD: u8 = 1; // ALPHA / DIGIT / "-"
+const P_VALUE: u8 = 2; // %d33-60 / %d62-126 / UTF8-non-ascii
+const P_STOP: u8 = 4; // " " or "=": ends a keyword
+
+static PARAM_CLASS: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut i = 0;
+    while i < 256 {
+        let c = i as u8;
+        let mut v = 0;
+        if c.is_ascii_alphanumeric() || c == b'-' {
+            v |= P_KEYWORD;
+        }
+        if matches!(c, 33..=60 | 62..=126 | 0x80..) {
+            v |= P_VALUE;
+        }
+        if c == b' ' || c == b'=' {
+            v |= P_STOP;
+        }
+        t[i] = v;
+        i += 1;
+    }
+    t
+};
+
 impl<'a> Iterator for Params<'a> {
-    type Item = Result<(&'a str, Option<&'a str>), CommandError>;
+    type Item = Result<Param<'a>, CommandError>;
 
     fn next(&mut self) -> Option<Self::Item> {
         let b = self.rest.as_bytes();
@@ -535,39 +580,92 @@ impl<'a> Iterator for Params<'a> {
             self.rest = "";
             return None;
         }
+        // esmtp-keyword = (ALPHA / DIGIT) *(ALPHA / DIGIT / "-")
         let start = i;
-        let end = memchr::memchr(b' ', &b[start..]).map_or(b.len(), |n| start + n);
-        let eq = memchr::memchr(b'=', &b[start..end]);
-        // Spaces are ASCII, so both ends are char boundaries.
-        let word = &self.rest[start..end];
-        self.rest = &self.rest[end..];
-        Some(split_param(word, eq))
+        let mut ok = b[i].is_ascii_alphanumeric();
+        let mut all = P_KEYWORD;
+        while let Some(&c) = b.get(i) {
+            let class = PARAM_CLASS[usize::from(c)];
+            if class & P_STOP != 0 {
+                break;
+            }
+            all &= class;
+            i += 1;
+        }
+        ok &= all & P_KEYWORD != 0;
+        let keyword = &b[start..i];
+        // esmtp-value = 1*(%d33-60 / %d62-126 / UTF8-non-ascii): no second "=".
+        let mut value = None;
+        if b.get(i) == Some(&b'=') {
+            i += 1;
+            let value_start = i;
+            let mut all = P_VALUE;
+            while let Some(&c) = b.get(i) {
+                if c == b' ' {
+                    break;
+                }
+                all &= PARAM_CLASS[usize::from(c)];
+                i += 1;
+            }
+            ok &= all & P_VALUE != 0 && i > value_start;
+            // Cut at ASCII bytes (or the end): char boundaries.
+            value = Some(&self.rest[value_start..i]);
+        }
+        let keyword_str = &self.rest[start..start + keyword.len()];
+        self.rest = &self.rest[i..];
+        if !ok {
+            return Some(Err(CommandError::MalformedParameter));
+        }
+        Some(Ok(Param {
+            keyword: keyword_str,
+            key: packed_key(b, start, keyword.len()),
+            value,
+        }))
     }
 }
 
-/// esmtp-param = esmtp-keyword ["=" esmtp-value] (RFC 5321 §4.1.2); `eq` is
-/// the index of the first `=` in `p`, if any.
-fn split_param(p: &str, eq: Option<usize>) -> Result<(&str, Option<&str>), CommandError> {
-    let (kw, value) = match eq {
-        Some(eq) => (&p[..eq], Some(&p[eq + 1..])),
-        None => (p, None),
-    };
-    let kb = kw.as_bytes();
-    let kw_ok = !kb.is_empty()
-        && kb[0].is_ascii_alphanumeric()
-        && kb[1..]
-            .iter()
-            .all(|&c| c.is_ascii_alphanumeric() || c == b'-');
-    // esmtp-value = 1*(%d33-60 / %d62-126 / UTF8-non-ascii).
-    let value_ok = value.is_none_or(|v| {
-        !v.is_empty() && v.bytes().all(|c| matches!(c, 33..=60 | 62..=126 | 0x80..))
-    });
-    if kw_ok && value_ok {
-        Ok((kw, value))
-    } else {
-        Err(CommandError::MalformedParameter)
-    }
+/// A parameter value packed as [`verb_key`] does, 0 if longer than 8 bytes.
+/// Together with the length, equal keys mean equal ignoring ASCII case for
+/// the letters and digits the known values are made of (a byte differing
+/// from one of those in bit 5 only is a control character, which
+/// validation has already refused).
+#[inline]
+fn value_key(v: &str) -> u64 {
+    packed_key(v.as_bytes(), 0, v.len())
 }
+
+/// [`verb_key`] of `buf[start..start + len]`, 0 if `len` is over 8. Loads
+/// one word when the buffer has 8 bytes from `start` (a loop of shifts per
+/// byte costs more than the rest of a parameter).
+#[inline]
+fn packed_key(buf: &[u8], start: usize, len: usize) -> u64 {
+    if len > 8 {
+        return 0;
+    }
+    let word = match buf.get(start..start + 8) {
+        Some(w) => u64::from_le_bytes(w.try_into().expect("8 bytes")),
+        None => verb_key(&buf[start..start + len]),
+    };
+    let mask = u64::MAX.checked_shr(64 - 8 * len as u32).unwrap_or(0);
+    word & mask & 0xDFDF_DFDF_DFDF_DFDF
+}
+
+const P_SIZE: u64 = verb_key(b"SIZE");
+const P_BODY: u64 = verb_key(b"BODY");
+const P_SMTPUTF8: u64 = verb_key(b"SMTPUTF8");
+const P_RET: u64 = verb_key(b"RET");
+const P_ENVID: u64 = verb_key(b"ENVID");
+const P_AUTH: u64 = verb_key(b"AUTH");
+const P_NOTIFY: u64 = verb_key(b"NOTIFY");
+const P_ORCPT: u64 = verb_key(b"ORCPT");
+const V_8BITMIME: u64 = verb_key(b"8BITMIME");
+const V_7BIT: u64 = verb_key(b"7BIT");
+const V_FULL: u64 = verb_key(b"FULL");
+const V_HDRS: u64 = verb_key(b"HDRS");
+const V_NEVER: u64 = verb_key(b"NEVER");
+const V_SUCCESS: u64 = verb_key(b"SUCCESS");
+const V_FAILURE: u64 = verb_key(b"FAILURE");
+const V_DELAY: u64 = verb_key(b"DELAY");
 
 /// Sets an optional parameter once; a second occurrence is 555 5.5.4.
 #[inline]
@@ -580,9 +678,7 @@ fn set_once<T>(slot: &mut Option<T>, v: T, name: &'static str) -> Result<(), Com
 }
 
 fn parse_mail(args: &str) -> Result<MailFrom, CommandError> {
-    let rest = strip_prefix_ci(args, "FROM:")
-        .ok_or(CommandError::Syntax(SYN_MAIL))?
-        .trim_start_matches(' ');
+    let rest = skip_spaces(strip_prefix_ci(args, "FROM:").ok_or(CommandError::Syntax(SYN_MAIL))?);
     let (path, rest) = match parse_path(rest, false) {
         Ok(v) => v,
         Err(PathError::Syntax) => return Err(CommandError::Syntax(SYN_MAIL)),
@@ -603,48 +699,55 @@ fn parse_mail(args: &str) -> Result<MailFrom, CommandError> {
         auth: None,
     };
     for p in params(rest, SYN_MAIL)? {
-        let (kw, value) = p?;
-        if kw.eq_ignore_ascii_case("SIZE") {
-            let v = value
-                .and_then(parse_u64)
-                .ok_or(CommandError::InvalidParameterValue("SIZE"))?;
-            set_once(&mut m.size, v, "SIZE")?;
-        } else if kw.eq_ignore_ascii_case("BODY") {
-            let v = match value {
-                Some(v) if v.eq_ignore_ascii_case("8BITMIME") => BodyType::EightBitMime,
-                Some(v) if v.eq_ignore_ascii_case("7BIT") => BodyType::SevenBit,
-                Some(v) if v.eq_ignore_ascii_case("BINARYMIME") => BodyType::BinaryMime,
-                _ => return Err(CommandError::InvalidParameterValue("BODY")),
-            };
-            set_once(&mut m.body, v, "BODY")?;
-        } else if kw.eq_ignore_ascii_case("SMTPUTF8") {
-            if value.is_some() {
-                return Err(CommandError::InvalidParameterValue("SMTPUTF8"));
+        let p = p?;
+        let value = p.value;
+        match (p.keyword.len(), p.key) {
+            (4, P_SIZE) => {
+                let v = value
+                    .and_then(parse_u64)
+                    .ok_or(CommandError::InvalidParameterValue("SIZE"))?;
+                set_once(&mut m.size, v, "SIZE")?;
             }
-            if m.smtputf8 {
-                return Err(CommandError::DuplicateParameter("SMTPUTF8"));
+            (4, P_BODY) => {
+                let v = match value.map(|v| (v, v.len(), value_key(v))) {
+                    Some((_, 8, V_8BITMIME)) => BodyType::EightBitMime,
+                    Some((_, 4, V_7BIT)) => BodyType::SevenBit,
+                    Some((v, _, _)) if v.eq_ignore_ascii_case("BINARYMIME") => BodyType::BinaryMime,
+                    _ => return Err(CommandError::InvalidParameterValue("BODY")),
+                };
+                set_once(&mut m.body, v, "BODY")?;
             }
-            m.smtputf8 = true;
-        } else if kw.eq_ignore_ascii_case("RET") {
-            let v = match value {
-                Some(v) if v.eq_ignore_ascii_case("FULL") => Ret::Full,
-                Some(v) if v.eq_ignore_ascii_case("HDRS") => Ret::Headers,
-                _ => return Err(CommandError::InvalidParameterValue("RET")),
-            };
-            set_once(&mut m.ret, v, "RET")?;
-        } else if kw.eq_ignore_ascii_case("ENVID") {
-            let v = value
-                .and_then(xtext_decode)
-                .filter(|v| v.len() <= MAX_ENVID_LEN)
-                .ok_or(CommandError::InvalidParameterValue("ENVID"))?;
-            set_once(&mut m.envid, v, "ENVID")?;
-        } else if kw.eq_ignore_ascii_case("AUTH") {
-            let v = value
-                .filter(|v| is_xtext(v))
-                .ok_or(CommandError::InvalidParameterValue("AUTH"))?;
-            set_once(&mut m.auth, v.to_owned(), "AUTH")?;
-        } else {
-            return Err(CommandError::UnknownParameter(kw.to_owned()));
+            (8, P_SMTPUTF8) => {
+                if value.is_some() {
+                    return Err(CommandError::InvalidParameterValue("SMTPUTF8"));
+                }
+                if m.smtputf8 {
+                    return Err(CommandError::DuplicateParameter("SMTPUTF8"));
+                }
+                m.smtputf8 = true;
+            }
+            (3, P_RET) => {
+                let v = match value.map(|v| (v.len(), value_key(v))) {
+                    Some((4, V_FULL)) => Ret::Full,
+                    Some((4, V_HDRS)) => Ret::Headers,
+                    _ => return Err(CommandError::InvalidParameterValue("RET")),
+                };
+                set_once(&mut m.ret, v, "RET")?;
+            }
+            (5, P_ENVID) => {
+                let v = value
+                    .and_then(xtext_decode)
+                    .filter(|v| v.len() <= MAX_ENVID_LEN)
+                    .ok_or(CommandError::InvalidParameterValue("ENVID"))?;
+                set_once(&mut m.envid, v, "ENVID")?;
+            }
+            (4, P_AUTH) => {
+                let v = value
+                    .filter(|v| is_xtext(v))
+                    .ok_or(CommandError::InvalidParameterValue("AUTH"))?;
+                set_once(&mut m.auth, v.to_owned(), "AUTH")?;
+            }
+            _ => return Err(CommandError::UnknownParameter(p.keyword.to_owned())),
         }
     }
     if !m.smtputf8 {
@@ -658,9 +761,7 @@ fn parse_mail(args: &str) -> Result<MailFrom, CommandError> {
 }
 
 fn parse_rcpt(args: &str) -> Result<RcptTo, CommandError> {
-    let rest = strip_prefix_ci(args, "TO:")
-        .ok_or(CommandError::Syntax(SYN_RCPT))?
-        .trim_start_matches(' ');
+    let rest = skip_spaces(strip_prefix_ci(args, "TO:").ok_or(CommandError::Syntax(SYN_RCPT))?);
     let (path, rest) = match parse_path(rest, true) {
         Ok(v) => v,
         Err(PathError::Syntax) => return Err(CommandError::Syntax(SYN_RCPT)),
@@ -677,19 +778,23 @@ fn parse_rcpt(args: &str) -> Result<RcptTo, CommandError> {
         orcpt: None,
     };
     for p in params(rest, SYN_RCPT)? {
-        let (kw, value) = p?;
-        if kw.eq_ignore_ascii_case("NOTIFY") {
-            let v = value
-                .and_then(parse_notify)
-                .ok_or(CommandError::InvalidParameterValue("NOTIFY"))?;
-            set_once(&mut r.notify, v, "NOTIFY")?;
-        } else if kw.eq_ignore_ascii_case("ORCPT") {
-            let v = value
-                .and_then(parse_orcpt)
-                .ok_or(CommandError::InvalidParameterValue("ORCPT"))?;
-            set_once(&mut r.orcpt, v, "ORCPT")?;
-        } else {
-            return Err(CommandError::UnknownParameter(kw.to_owned()));
+        let p = p?;
+        match (p.keyword.len(), p.key) {
+            (6, P_NOTIFY) => {
+                let v = p
+                    .value
+                    .and_then(parse_notify)
+                    .ok_or(CommandError::InvalidParameterValue("NOTIFY"))?;
+                set_once(&mut r.notify, v, "NOTIFY")?;
+            }
+            (5, P_ORCPT) => {
+                let v = p
+                    .value
+                    .and_then(parse_orcpt)
+                    .ok_or(CommandError::InvalidParameterValue("ORCPT"))?;
+                set_once(&mut r.orcpt, v, "ORCPT")?;
+            }
+            _ => return Err(CommandError::UnknownParameter(p.keyword.to_owned())),
         }
     }
     Ok(r)
@@ -698,20 +803,17 @@ fn parse_rcpt(args: &str) -> Result<RcptTo, CommandError> {
 /// NOTIFY = "NEVER" / 1#( "SUCCESS" / "FAILURE" / "DELAY" ).
 fn parse_notify(v: &str) -> Option<Notify> {
     let mut n = Notify::default();
-    if v.eq_ignore_ascii_case("NEVER") {
+    if v.len() == 5 && value_key(v) == V_NEVER {
         n.never = true;
         return Some(n);
     }
-    for item in v.split(',') {
-        if item.eq_ignore_ascii_case("SUCCESS") {
-            n.success = true;
-        } else if item.eq_ignore_ascii_case("FAILURE") {
-            n.failure = true;
-        } else if item.eq_ignore_ascii_case("DELAY") {
-            n.delay = true;
-        } else {
+    for item in v.as_bytes().split(|&c| c == b',') {
+        match (item.len(), packed_key(item, 0, item.len())) {
+            (7, V_SUCCESS) => n.success = true,
+            (7, V_FAILURE) => n.failure = true,
+            (5, V_DELAY) => n.delay = true,
             // Includes NEVER combined with others and empty items.
-            return None;
+            _ => return None,
         }
     }
     Some(n)
@@ -719,7 +821,7 @@ fn parse_notify(v: &str) -> Option<Notify> {
 
 /// ORCPT = addr-type ";" xtext, addr-type an atom (RFC 3461 §4.2).
 fn parse_orcpt(v: &str) -> Option<Orcpt> {
-    let semi = v.find(';')?;
+    let semi = v.bytes().position(|c| c == b';')?;
     let (addr_type, encoded) = (&v[..semi], &v[semi + 1..]);
     let type_ok = !addr_type.is_empty()
         && addr_type
@@ -774,6 +876,11 @@ fn is_xtext(s: &str) -> bool {
 /// values are copied into DSN header fields, so CR/LF must never appear).
 pub fn xtext_decode(s: &str) -> Option<String> {
     let b = s.as_bytes();
+    // Without "+HH" escapes the value is its own decoding (xchars are
+    // ASCII): one copy, no second UTF-8 check.
+    if b.iter().all(|&c| is_xchar(c)) {
+        return Some(s.to_owned());
+    }
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
