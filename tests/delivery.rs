@@ -288,14 +288,15 @@ fn parallel_connection_failures_back_a_destination_off_once() {
         "m@held",
     );
     accounting(dir.path(), |l| events(l, "deferral", &id).len() == 4);
-    assert_eq!(
-        metric(&server, "sluice_delivery_connect_failures_total", &[]),
-        4.0,
-        "four connections tried"
-    );
+    // Usually all four connections are refused together (four before the
+    // fix meant four holds); should the entries trickle in on a loaded
+    // machine, later ones find the hold and wait, which is fine too.
+    let failures = metric(&server, "sluice_delivery_connect_failures_total", &[]);
+    assert!(failures >= 1.0);
     assert_eq!(
         metric(&server, "sluice_delivery_destinations_held_total", &[]),
-        1.0
+        1.0,
+        "{failures} connections refused together"
     );
     // The destination is held (for retry_initial: one failure, not four).
     let queue = server.http("/queue");
