@@ -40,7 +40,8 @@ while [ $# -gt 0 ]; do
         --open-loop) OPEN=1; shift ;;
         --no-closed) CLOSED=0; shift ;;
         --no-postfix) POSTFIX=0; shift ;;
-        *) echo "unknown argument $1" >&2; exit 2 ;;
+        -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) echo "unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
 

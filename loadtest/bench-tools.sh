@@ -24,7 +24,8 @@ while [ $# -gt 0 ]; do
         --size) SIZE=$2; shift 2 ;;
         --recipients) RCPTS=$2; shift 2 ;;
         --send-args) SEND_ARGS=$2; shift 2 ;;
-        *) echo "unknown argument $1" >&2; exit 2 ;;
+        -h|--help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) echo "unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
 

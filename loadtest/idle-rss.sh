@@ -7,6 +7,10 @@
 #
 # Loopback only; everything lives in a temp dir and is killed on exit.
 set -eu
+case "${1:-}" in
+    -h|--help) sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -*) echo "unknown argument $1 (see --help)" >&2; exit 2 ;;
+esac
 SLUICE=${1:-target/release/sluice}
 LOAD=${2:-target/release/sluice-load}
 N=${3:-10000}

@@ -460,6 +460,9 @@ pub struct DeliveryConfig {
     /// With `RET=FULL`, bounces return the whole original message only up
     /// to this many octets; beyond it only its headers.
     pub bounce_size_limit: usize,
+    /// Send bodies with `BDAT` (RFC 3030 CHUNKING) to servers that offer it;
+    /// `false` always uses `DATA`.
+    pub chunking: bool,
 }
 
 impl Default for DeliveryConfig {
@@ -485,6 +488,7 @@ impl Default for DeliveryConfig {
             retry_jitter: 0.2,
             max_age: 5 * 24 * 3600,
             bounce_size_limit: 50_000,
+            chunking: true,
         }
     }
 }

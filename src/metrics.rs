@@ -10,10 +10,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ::metrics::{
-    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Counter,
-    Gauge, Histogram,
-};
+use ::metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Connections accepted (counter, label `shard`).
@@ -74,144 +71,139 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
         .set_buckets_for_metric(Matcher::Suffix("_bytes".into()), &bytes)?
         .set_buckets_for_metric(Matcher::Suffix("batch_size".into()), &batch)?
         .install_recorder()?;
-    describe_all();
+    describe();
     Ok(handle)
 }
 
-/// Gives every metric its `# HELP` line: Prometheus' own linter
-/// (`promtool check metrics`) rejects an exposition without them, and an
-/// operator reading `/metrics` should not need the docs at hand. The texts
-/// follow docs/operations.md, docs/delivery.md and docs/dns.md.
-fn describe_all() {
+/// `# HELP` text for every series Sluice exports (`promtool check metrics`
+/// flags a series without one). Described once, after the recorder is
+/// installed (descriptions given to no recorder are lost).
+fn describe() {
     use crate::delivery::{dns, log, metrics as d, route};
-    let counters: &[(&'static str, &'static str)] = &[
-        (CONNECTIONS_TOTAL, "SMTP connections accepted"),
-        (
-            CONNECTIONS_REJECTED,
-            "SMTP connections refused at connect with 421, by reason",
-        ),
-        (
-            SESSIONS_TIMED_OUT,
-            "SMTP sessions closed by server.session_timeout",
-        ),
-        (MESSAGES_ACCEPTED, "Messages answered 250 queued (durable)"),
-        (
-            MESSAGES_SPOOL_FAILED,
-            "Messages answered 452 4.3.1 because the spool refused or failed",
-        ),
-        (RECIPIENTS_ACCEPTED, "Recipients accepted"),
-        (
-            RELAY_DENIED,
-            "Recipients refused 554 5.7.1 by the relay policy",
-        ),
-        (
-            REJECTIONS,
-            "4xx/5xx replies sent, by transaction stage and class",
-        ),
-        (BYTES_RECEIVED, "Octets read from SMTP clients"),
-        (
-            "sluice_spool_refused_total",
-            "Messages refused by the spool without writing, by reason",
-        ),
-        (
-            d::RECIPIENTS,
-            "Delivery outcomes of recipients, by result and class of the deciding reply",
-        ),
-        (
-            d::CONNECTIONS_OPENED,
-            "Outbound connections that reached a usable session",
-        ),
-        (
-            d::CONNECT_FAILURES,
-            "Failed outbound connection attempts to one host, by reason",
-        ),
-        (
-            d::DESTINATIONS_HELD,
-            "Destinations backed off as a whole because no host could be reached",
-        ),
-        (d::BOUNCES, "DSNs (bounces) spooled"),
-        (
-            d::COMPLETED,
-            "Messages removed from the spool with every recipient final",
-        ),
-        (
-            d::SPOOL_ERRORS,
-            "Delivery outcomes that could not be written to the spool",
-        ),
-        (
-            dns::DNS_LOOKUPS,
-            "DNS lookups asked by delivery (cache hits included), by type and result",
-        ),
-        (
-            route::DESTINATION_FAILURES,
-            "Destinations that could not be routed, by reason",
-        ),
-        (log::LOG_RECORDS, "Accounting log records written"),
-        (
-            log::LOG_DROPPED,
-            "Accounting log records dropped because the writer fell behind",
-        ),
-        (
-            log::LOG_WRITE_ERRORS,
-            "Accounting log writes or flushes that failed",
-        ),
-    ];
-    for &(name, help) in counters {
-        describe_counter!(name, help);
-    }
-    let gauges: &[(&'static str, &'static str)] = &[
-        (CONNECTIONS_ACTIVE, "Open SMTP sessions"),
-        ("sluice_spool_messages", "Messages in the spool"),
-        (
-            "sluice_spool_writable",
-            "1 while the spool takes writes, 0 when stalled or failed",
-        ),
-        (d::CONNECTIONS_OPEN, "Outbound connections open now"),
-        (d::QUEUE_READY, "Delivery queue entries due now"),
-        (
-            d::QUEUE_SCHEDULED,
-            "Delivery queue entries waiting for a retry",
-        ),
-    ];
-    for &(name, help) in gauges {
-        describe_gauge!(name, help);
-    }
-    let histograms: &[(&'static str, &'static str)] = &[
-        (
-            MESSAGE_SIZE,
-            "Size of accepted messages, Received: header included",
-        ),
-        (STORE_LATENCY, "End of DATA to durable store"),
-        (
-            "sluice_spool_write_seconds",
-            "Spool store call including its flush",
-        ),
-        (
-            "sluice_spool_flush_seconds",
-            "One group-commit flush (fsync)",
-        ),
-        (
-            "sluice_spool_flush_batch_size",
-            "Writes made durable by one flush",
-        ),
-        (
-            d::ATTEMPT_SECONDS,
-            "One outbound transaction on an open connection",
-        ),
-        (d::QUEUE_TIME, "Reception to final outcome of a recipient"),
-        (
-            d::MESSAGES_PER_CONNECTION,
-            "Messages one outbound connection carried",
-        ),
-        (
-            dns::DNS_LOOKUP_LATENCY,
-            "Time to answer one DNS query, cache hits included",
-        ),
-        (route::DESTINATION_LATENCY, "Time to route one destination"),
-    ];
-    for &(name, help) in histograms {
-        describe_histogram!(name, help);
-    }
+    use ::metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(CONNECTIONS_TOTAL, "SMTP connections accepted");
+    describe_gauge!(CONNECTIONS_ACTIVE, "SMTP sessions open now");
+    describe_counter!(
+        CONNECTIONS_REJECTED,
+        "Connections refused at connect (421), by reason"
+    );
+    describe_counter!(
+        SESSIONS_TIMED_OUT,
+        "Sessions closed by the total session deadline"
+    );
+    describe_counter!(
+        MESSAGES_ACCEPTED,
+        "Messages answered 250 after a durable store"
+    );
+    describe_counter!(
+        MESSAGES_SPOOL_FAILED,
+        "Messages answered 452 because the spool refused or failed"
+    );
+    describe_counter!(RECIPIENTS_ACCEPTED, "Recipients accepted");
+    describe_counter!(RELAY_DENIED, "Recipients refused by relay policy");
+    describe_counter!(REJECTIONS, "4xx/5xx replies sent, by stage and class");
+    describe_counter!(BYTES_RECEIVED, Unit::Bytes, "Octets read from clients");
+    describe_histogram!(MESSAGE_SIZE, Unit::Bytes, "Size of accepted messages");
+    describe_histogram!(
+        STORE_LATENCY,
+        Unit::Seconds,
+        "End of DATA to the durable store"
+    );
+    describe_histogram!(
+        "sluice_spool_write_seconds",
+        Unit::Seconds,
+        "Spool store call including its flush"
+    );
+    describe_histogram!(
+        "sluice_spool_flush_seconds",
+        Unit::Seconds,
+        "One group-commit flush (fsync)"
+    );
+    describe_histogram!(
+        "sluice_spool_flush_batch_size",
+        "Writes made durable by one flush"
+    );
+    describe_gauge!("sluice_spool_messages", "Messages in the spool");
+    describe_gauge!(
+        "sluice_spool_writable",
+        "1 while the spool takes writes, 0 when stalled or failed"
+    );
+    describe_counter!(
+        "sluice_spool_refused_total",
+        "Stores refused without writing, by reason"
+    );
+    describe_counter!(
+        d::RECIPIENTS,
+        "Delivery outcomes of recipients, by result and class of the deciding reply"
+    );
+    describe_histogram!(
+        d::ATTEMPT_SECONDS,
+        Unit::Seconds,
+        "One delivery transaction on an open connection"
+    );
+    describe_histogram!(
+        d::QUEUE_TIME,
+        Unit::Seconds,
+        "Reception to the final outcome of a recipient"
+    );
+    describe_gauge!(d::CONNECTIONS_OPEN, "Outbound connections open now");
+    describe_counter!(
+        d::CONNECTIONS_OPENED,
+        "Outbound connections that reached a usable session"
+    );
+    describe_counter!(
+        d::CONNECT_FAILURES,
+        "Failed connection attempts to one host, by reason"
+    );
+    describe_counter!(
+        d::DESTINATIONS_HELD,
+        "Destinations backed off as a whole because no host could be reached"
+    );
+    describe_histogram!(
+        d::MESSAGES_PER_CONNECTION,
+        "Messages an outbound connection carried, at its end"
+    );
+    describe_gauge!(d::QUEUE_READY, "Delivery queue entries due now");
+    describe_gauge!(
+        d::QUEUE_SCHEDULED,
+        "Delivery queue entries waiting for a retry"
+    );
+    describe_counter!(d::BOUNCES, "DSNs (bounces) spooled");
+    describe_counter!(
+        d::COMPLETED,
+        "Messages removed from the spool with every recipient final"
+    );
+    describe_counter!(
+        d::SPOOL_ERRORS,
+        "Delivery outcomes that could not be written to the spool"
+    );
+    describe_counter!(
+        dns::DNS_LOOKUPS,
+        "DNS lookups delivery asked for (cache hits included), by type and result"
+    );
+    describe_histogram!(
+        dns::DNS_LOOKUP_LATENCY,
+        Unit::Seconds,
+        "DNS lookup time, by type"
+    );
+    describe_counter!(
+        route::DESTINATION_FAILURES,
+        "Destinations that could not be routed, by reason"
+    );
+    describe_histogram!(
+        route::DESTINATION_LATENCY,
+        Unit::Seconds,
+        "Time to find the hosts of a destination, by source"
+    );
+    describe_counter!(log::LOG_RECORDS, "Accounting log records written");
+    describe_counter!(
+        log::LOG_DROPPED,
+        "Accounting log records dropped because the writer fell behind"
+    );
+    describe_counter!(
+        log::LOG_WRITE_ERRORS,
+        "Accounting log writes or flushes that failed"
+    );
 }
 
 /// Metric handles one shard uses on its hot paths, resolved once (a cached

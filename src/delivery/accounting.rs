@@ -10,6 +10,16 @@ use super::queue::QueueEntry;
 use crate::smtp::Reply;
 use crate::spool::Envelope;
 
+/// The server that gave a reply: its name (MX or route host; the DSN's
+/// `Remote-MTA`) and the address it was reached at.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RemoteMta {
+    /// Host name as routed to.
+    pub host: String,
+    /// The address connected to.
+    pub ip: IpAddr,
+}
+
 /// A cloneable, `Send` handle (one per process, cloned into every shard).
 #[derive(Clone, Debug)]
 pub struct Accounting {
@@ -88,7 +98,7 @@ impl Accounting {
         entry: &QueueEntry,
         rcpts: &[String],
         reply: &Reply,
-        host: Option<&str>,
+        remote: Option<&RemoteMta>,
         next_ms: u64,
     ) {
         if !self.is_enabled() {
@@ -100,8 +110,8 @@ impl Accounting {
                 Event::Deferral(Deferral {
                     id: entry.id,
                     rcpt: rcpt.clone(),
-                    remote_host: host.map(str::to_owned),
-                    remote_ip: None,
+                    remote_host: remote.map(|r| r.host.clone()),
+                    remote_ip: remote.map(|r| r.ip),
                     reply: reply.clone(),
                     attempt: entry.attempts + 1,
                     next_attempt: UNIX_EPOCH + Duration::from_millis(next_ms),
@@ -117,7 +127,7 @@ impl Accounting {
         entry: &QueueEntry,
         rcpts: &[String],
         reply: &Reply,
-        host: Option<&str>,
+        remote: Option<&RemoteMta>,
         reason: BounceReason,
     ) {
         if !self.is_enabled() {
@@ -129,10 +139,10 @@ impl Accounting {
                 Event::Bounce(Bounce {
                     id: entry.id,
                     rcpt: rcpt.clone(),
-                    remote_host: host.map(str::to_owned),
-                    remote_ip: None,
+                    remote_host: remote.map(|r| r.host.clone()),
+                    remote_ip: remote.map(|r| r.ip),
                     reply: reply.clone(),
-                    attempt: entry.attempts + u32::from(host.is_some()),
+                    attempt: entry.attempts + u32::from(remote.is_some()),
                     reason,
                     delay: since(entry.received_at_ms, now),
                 })

@@ -123,6 +123,14 @@ pub enum DnsError {
         /// Why.
         reason: String,
     },
+    /// The destination's best host is Sluice itself (one of `[server]
+    /// listen`): delivering would hand the mail back to us in a loop.
+    /// Permanent, `554 5.4.6` (Postfix: "mail for X loops back to myself").
+    #[error("Mail for {domain} loops back to myself")]
+    LoopsBack {
+        /// The destination.
+        domain: String,
+    },
     /// The resolver thread has stopped (shutdown): temporary, `451 4.4.3`.
     #[error("DNS resolver stopped")]
     Stopped,
@@ -138,6 +146,7 @@ impl DnsError {
                 | DnsError::NullMx { .. }
                 | DnsError::NoAddress { .. }
                 | DnsError::InvalidDomain { .. }
+                | DnsError::LoopsBack { .. }
         )
     }
 
@@ -148,6 +157,7 @@ impl DnsError {
             | DnsError::NoAddress { .. }
             | DnsError::InvalidDomain { .. } => EnhancedCode::new(5, 1, 2),
             DnsError::NullMx { .. } => EnhancedCode::new(5, 1, 10),
+            DnsError::LoopsBack { .. } => EnhancedCode::new(5, 4, 6),
             DnsError::NoUsableMx { .. } | DnsError::NoRouteAddress { .. } => {
                 EnhancedCode::new(4, 4, 4)
             }
@@ -155,11 +165,13 @@ impl DnsError {
         }
     }
 
-    /// The reply code: `556` for a null MX (RFC 7505 §4.3), `550` for other
-    /// permanent failures, `451` for temporary ones.
+    /// The reply code: `556` for a null MX (RFC 7505 §4.3), `554` for a
+    /// routing loop, `550` for other permanent failures, `451` for temporary
+    /// ones.
     pub fn code(&self) -> u16 {
         match self {
             DnsError::NullMx { .. } => 556,
+            DnsError::LoopsBack { .. } => 554,
             e if e.is_permanent() => 550,
             _ => 451,
         }

@@ -154,6 +154,7 @@ pub fn client_config(config: &Config) -> ClientConfig {
             quit: s(d.rset_timeout),
             ..ClientTimeouts::default()
         },
+        use_chunking: d.chunking,
         ..ClientConfig::default()
     }
 }

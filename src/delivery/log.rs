@@ -225,7 +225,6 @@ struct Inner {
     tx: Option<Sender<Msg>>,
     capacity: usize,
     dropped: AtomicU64,
-    dropped_counter: metrics::Counter,
     writer: Option<JoinHandle<()>>,
 }
 
@@ -273,8 +272,8 @@ impl EventLog {
             out: BufWriter::with_capacity(BUFFER_SIZE, file),
             line: Vec::with_capacity(512),
             flush_interval: options.flush_interval,
-            records: metrics::counter!(LOG_RECORDS),
-            errors: metrics::counter!(LOG_WRITE_ERRORS),
+            records: None,
+            errors: None,
             failing: false,
         };
         let handle = std::thread::Builder::new()
@@ -290,7 +289,6 @@ impl EventLog {
                 tx: Some(tx),
                 capacity: options.capacity.max(1),
                 dropped: AtomicU64::new(0),
-                dropped_counter: metrics::counter!(LOG_DROPPED),
                 writer: Some(handle),
             })),
         })
@@ -345,7 +343,10 @@ impl Inner {
         // which is harmless; what matters is that nobody waits.
         if tx.len() >= self.capacity || tx.send(Msg::Record(at, event)).is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
-            self.dropped_counter.increment(1);
+            // Looked up here, not at open: the log is opened before the
+            // Prometheus recorder is installed, and a handle taken then
+            // would count into the void. Drops are rare.
+            metrics::counter!(LOG_DROPPED).increment(1);
         }
     }
 }
@@ -368,8 +369,12 @@ struct Writer {
     out: BufWriter<File>,
     line: Vec<u8>,
     flush_interval: Duration,
-    records: metrics::Counter,
-    errors: metrics::Counter,
+    /// Resolved at the first record, not at open: the log is opened before
+    /// the Prometheus recorder is installed, and a handle taken then would
+    /// count into the void (the series never appeared in `/metrics`).
+    records: Option<metrics::Counter>,
+    /// Like `records`.
+    errors: Option<metrics::Counter>,
     /// In an error streak: warn once per streak, not once per record.
     failing: bool,
 }
@@ -415,7 +420,9 @@ impl Writer {
         encode(&mut self.line, at, event);
         let result = self.out.write_all(&self.line);
         self.outcome(result, "write");
-        self.records.increment(1);
+        self.records
+            .get_or_insert_with(|| metrics::counter!(LOG_RECORDS))
+            .increment(1);
     }
 
     fn flush(&mut self) {
@@ -427,7 +434,9 @@ impl Writer {
         match result {
             Ok(()) => self.failing = false,
             Err(e) => {
-                self.errors.increment(1);
+                self.errors
+                    .get_or_insert_with(|| metrics::counter!(LOG_WRITE_ERRORS))
+                    .increment(1);
                 if !self.failing {
                     tracing::warn!(error = %e, "event log {what} failed");
                     self.failing = true;

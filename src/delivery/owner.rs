@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use futures_lite::future;
 
+use super::accounting::RemoteMta;
 use super::backoff::RetryVerdict;
 use super::dns::DnsError;
 use super::engine::{now_ms, ConnectionGuard, Dest, Engine, InFlight, Outcome, ShardQueueSnapshot};
@@ -137,16 +138,17 @@ impl Engine {
 
     /// Results for `rcpts` of `entry` after a temporary failure with
     /// `reply`: deferred with backoff (and the entry scheduled again), or
-    /// failed once the message is older than `max_age`.
+    /// failed once the message is older than `max_age`. `remote`: the
+    /// server that gave `reply`, None when Sluice made it.
     pub(super) fn temporary_failure(
         self: &Rc<Self>,
         entry: &QueueEntry,
         rcpts: Vec<u16>,
         reply: &Reply,
-        remote_mta: Option<String>,
-        remote: bool,
+        remote: Option<RemoteMta>,
         results: &mut Vec<RcptResult>,
     ) {
+        let remote_mta = remote.as_ref().map(|r| r.host.clone());
         if rcpts.is_empty() {
             return;
         }
@@ -159,7 +161,7 @@ impl Engine {
         match verdict {
             RetryVerdict::RetryAt(next) => {
                 self.metrics
-                    .outcome(OutcomeKind::Deferred, reply.code(), remote, n);
+                    .outcome(OutcomeKind::Deferred, reply.code(), remote.is_some(), n);
                 for &index in &rcpts {
                     results.push(RcptResult {
                         index,
@@ -175,7 +177,7 @@ impl Engine {
                     entry,
                     &self.addresses(entry, &rcpts),
                     reply,
-                    remote_mta.as_deref(),
+                    remote.as_ref(),
                     next,
                 );
                 let again = QueueEntry {
@@ -187,7 +189,7 @@ impl Engine {
             }
             RetryVerdict::Expired => {
                 self.metrics
-                    .outcome(OutcomeKind::Failed, reply.code(), remote, n);
+                    .outcome(OutcomeKind::Failed, reply.code(), remote.is_some(), n);
                 self.metrics
                     .queue_time
                     .record(now.saturating_sub(entry.received_at_ms) as f64 / 1000.0);
@@ -206,20 +208,21 @@ impl Engine {
                     entry,
                     &self.addresses(entry, &rcpts),
                     reply,
-                    remote_mta.as_deref(),
+                    remote.as_ref(),
                     BounceReason::Expired,
                 );
             }
         }
     }
 
-    /// Results for `rcpts` of `entry` after a permanent failure.
+    /// Results for `rcpts` of `entry` after a permanent failure (`remote`
+    /// as for [`Engine::temporary_failure`]).
     pub(super) fn permanent_failure(
         &self,
         entry: &QueueEntry,
         rcpts: &[u16],
         reply: &Reply,
-        remote_mta: Option<String>,
+        remote_mta: Option<RemoteMta>,
         reason: BounceReason,
         results: &mut Vec<RcptResult>,
     ) {
@@ -227,6 +230,7 @@ impl Engine {
             return;
         }
         let remote = reason == BounceReason::Remote;
+        let remote_host = remote_mta.as_ref().map(|r| r.host.clone());
         let now = now_ms();
         self.metrics.outcome(
             OutcomeKind::Failed,
@@ -244,14 +248,14 @@ impl Engine {
                     at_ms: now,
                     reply: reply.to_string(),
                 },
-                remote_mta: remote_mta.clone(),
+                remote_mta: remote_host.clone(),
             });
         }
         self.log.failure(
             entry,
             &self.addresses(entry, rcpts),
             reply,
-            remote_mta.as_deref(),
+            remote_mta.as_ref(),
             reason,
         );
     }
@@ -279,11 +283,25 @@ impl Engine {
     /// No host of `dest` could be reached (or DNS failed temporarily): back
     /// the destination off as a whole and defer everything ready for it.
     pub(super) fn destination_unreachable(self: &Rc<Self>, dest: &Dest, reply: &Reply) {
-        let failures = dest.failures.get().saturating_add(1);
-        dest.failures.set(failures);
-        let until = now_ms() + self.policy.delay_ms(failures, rand::random::<f64>());
+        let now = now_ms();
+        let held = self.queues.borrow().held_until(&dest.domain, now);
+        let (failures, until) = match held {
+            // Another connection of this destination, started in the same
+            // round, failed first: one outage counts once. (Counting each of
+            // up to max_connections tasks made one short outage of a busy
+            // destination hold it for retry_max.)
+            Some(until) => (dest.failures.get(), until),
+            None => {
+                let failures = dest.failures.get().saturating_add(1);
+                dest.failures.set(failures);
+                self.metrics.destinations_held.increment(1);
+                (
+                    failures,
+                    now + self.policy.delay_ms(failures, rand::random::<f64>()),
+                )
+            }
+        };
         let taken = self.queues.borrow_mut().hold(&dest.domain, until);
-        self.metrics.destinations_held.increment(1);
         tracing::info!(
             domain = %dest.domain,
             failures,
@@ -294,14 +312,7 @@ impl Engine {
         );
         for entry in taken {
             let mut results = Vec::new();
-            self.temporary_failure(
-                &entry,
-                entry.rcpts.clone(),
-                reply,
-                None,
-                false,
-                &mut results,
-            );
+            self.temporary_failure(&entry, entry.rcpts.clone(), reply, None, &mut results);
             self.report(Outcome {
                 id: entry.id,
                 partition: entry.partition,

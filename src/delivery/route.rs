@@ -29,6 +29,12 @@
 //!   false`). A `.` exchange among other MX records is skipped too.
 //! - A route host name without an address: skipped; none left is temporary
 //!   `4.4.4` (our configuration, never the recipient's fault).
+//! - Targets that are Sluice itself (an address:port of `[server] listen`;
+//!   with an unspecified listen address, any local address on that port):
+//!   for MX hosts, as Postfix does, every host with a preference at or
+//!   above our own is dropped; for routes and literals, our addresses are
+//!   dropped. None left: permanent `554 5.4.6` ("loops back to myself"),
+//!   instead of relaying to ourselves until the message expires.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
@@ -122,6 +128,9 @@ struct RoutesInner {
     default: Option<Vec<RouteHost>>,
     port: u16,
     shuffle: Shuffle,
+    /// Our own SMTP listen addresses (port 0 left out: its real port is
+    /// not known here). A target among them hands mail back to us.
+    own: Vec<SocketAddr>,
 }
 
 /// How MX records of equal preference are ordered.
@@ -145,6 +154,7 @@ impl Routes {
             default: None,
             port,
             shuffle: Shuffle::Random,
+            own: Vec::new(),
         };
         for r in routes {
             let d = r.domain.to_ascii_lowercase();
@@ -166,9 +176,48 @@ impl Routes {
         }
     }
 
-    /// Routes from a whole configuration (`[[route]]` and `[delivery] port`).
+    /// Routes from a whole configuration (`[[route]]`, `[delivery] port`,
+    /// and `[server] listen` as the addresses that are ourselves).
     pub fn from_config(config: &Config) -> Routes {
-        Routes::new(&config.routes, config.delivery.port)
+        Routes::new(&config.routes, config.delivery.port).with_own_addresses(&config.server.listen)
+    }
+
+    /// The same routes, knowing that `listen` (our SMTP addresses) is
+    /// ourselves: see the module documentation (mail loops).
+    pub fn with_own_addresses(&self, listen: &[SocketAddr]) -> Routes {
+        let mut inner = (*self.inner).clone();
+        inner.own = listen.iter().copied().filter(|a| a.port() != 0).collect();
+        Routes {
+            inner: Arc::new(inner),
+        }
+    }
+
+    /// Whether connecting to `addr` would reach this Sluice.
+    fn is_self(&self, addr: SocketAddr) -> bool {
+        self.inner.own.iter().any(|own| {
+            own.port() == addr.port()
+                && (own.ip() == addr.ip() || (own.ip().is_unspecified() && is_local_ip(addr.ip())))
+        })
+    }
+
+    /// Drops the targets that are ourselves (see the module documentation);
+    /// none left is [`DnsError::LoopsBack`].
+    fn drop_self(&self, domain: &str, mut dest: Destination) -> Result<Destination, DnsError> {
+        let Some(first) = dest.targets.iter().position(|t| self.is_self(t.addr)) else {
+            return Ok(dest);
+        };
+        match (dest.source, dest.targets[first].mx_preference) {
+            (Source::Mx | Source::ImplicitMx, Some(ours)) => dest
+                .targets
+                .retain(|t| t.mx_preference.is_some_and(|p| p < ours)),
+            _ => dest.targets.retain(|t| !self.is_self(t.addr)),
+        }
+        if dest.targets.is_empty() {
+            return Err(DnsError::LoopsBack {
+                domain: domain.to_owned(),
+            });
+        }
+        Ok(dest)
     }
 
     /// The same routes with equal-preference MX records shuffled by an RNG
@@ -245,6 +294,18 @@ impl Routes {
     }
 
     async fn resolve(
+        &self,
+        destination: &str,
+        resolver: &Resolver,
+    ) -> Result<Destination, DnsError> {
+        let found = self.lookup(destination, resolver).await?;
+        if self.inner.own.is_empty() {
+            return Ok(found);
+        }
+        self.drop_self(destination, found)
+    }
+
+    async fn lookup(
         &self,
         destination: &str,
         resolver: &Resolver,
@@ -516,6 +577,13 @@ fn normalise_domain(domain: &str) -> Option<String> {
     Some(ascii)
 }
 
+/// Whether `ip` is an address of this machine: loopback, or one a socket
+/// can be bound to (the kernel knows its own addresses; no interface list
+/// to keep up to date).
+fn is_local_ip(ip: IpAddr) -> bool {
+    ip.is_loopback() || std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
+}
+
 fn push_target(targets: &mut Vec<Target>, target: Target) {
     if !targets.iter().any(|t| t.addr == target.addr) {
         targets.push(target);
@@ -539,6 +607,7 @@ fn failure_label(e: &DnsError) -> &'static str {
         DnsError::NoRouteAddress { .. } => "no_route_address",
         DnsError::Temporary { .. } => "temporary",
         DnsError::InvalidDomain { .. } => "invalid",
+        DnsError::LoopsBack { .. } => "loop",
         DnsError::Stopped => "stopped",
     }
 }

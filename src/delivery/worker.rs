@@ -19,6 +19,7 @@ use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 use tracing::Instrument;
 
+use super::accounting::RemoteMta;
 use super::engine::{now_ms, ConnectionGuard, Dest, Engine, Outcome};
 use super::log::BounceReason;
 use super::plan::RcptResult;
@@ -386,27 +387,13 @@ impl Connection {
             }
             Ok((Some(_), None)) => {
                 let reply = local_error("envelope without body", &entry.id);
-                engine.temporary_failure(
-                    &entry,
-                    entry.rcpts.clone(),
-                    &reply,
-                    None,
-                    false,
-                    &mut results,
-                );
+                engine.temporary_failure(&entry, entry.rcpts.clone(), &reply, None, &mut results);
                 engine.report(outcome(&entry, results));
                 return true;
             }
             Err(e) => {
                 let reply = local_error("cannot read message", &e);
-                engine.temporary_failure(
-                    &entry,
-                    entry.rcpts.clone(),
-                    &reply,
-                    None,
-                    false,
-                    &mut results,
-                );
+                engine.temporary_failure(&entry, entry.rcpts.clone(), &reply, None, &mut results);
                 engine.report(outcome(&entry, results));
                 return true;
             }
@@ -495,14 +482,7 @@ impl Connection {
                         let reply = reason.reply.unwrap_or_else(|| {
                             Reply::new(421, EnhancedCode::new(4, 4, 2), "Connection closed")
                         });
-                        engine.temporary_failure(
-                            &entry,
-                            indexes,
-                            &reply,
-                            None,
-                            false,
-                            &mut results,
-                        );
+                        engine.temporary_failure(&entry, indexes, &reply, None, &mut results);
                         engine.report(outcome(&entry, results));
                     } else {
                         engine.requeue_untried(entry);
@@ -519,7 +499,7 @@ impl Connection {
                         EnhancedCode::new(4, 4, 2),
                         "Session ended unexpectedly",
                     );
-                    engine.temporary_failure(&entry, indexes, &reply, None, false, &mut results);
+                    engine.temporary_failure(&entry, indexes, &reply, None, &mut results);
                     engine.report(outcome(&entry, results));
                     return false;
                 }
@@ -588,8 +568,14 @@ impl Connection {
             permanent.iter().map(|p| p.2.len()).sum::<usize>(),
             transient.iter().map(|p| p.2.len()).sum::<usize>(),
         );
+        let mta_of = |remote: bool| {
+            remote.then(|| RemoteMta {
+                host: host.clone(),
+                ip: self.target.addr.ip(),
+            })
+        };
         for (reply, remote, rcpts) in permanent {
-            let mta = remote.then(|| host.clone());
+            let mta = mta_of(remote);
             let reason = if remote {
                 BounceReason::Remote
             } else {
@@ -598,8 +584,7 @@ impl Connection {
             engine.permanent_failure(&entry, &rcpts, &reply, mta, reason, &mut results);
         }
         for (reply, remote, rcpts) in transient {
-            let mta = remote.then(|| host.clone());
-            engine.temporary_failure(&entry, rcpts, &reply, mta, remote, &mut results);
+            engine.temporary_failure(&entry, rcpts, &reply, mta_of(remote), &mut results);
         }
         tracing::info!(
             delivered,

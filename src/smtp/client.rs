@@ -44,9 +44,14 @@
 //! per round trip. The body follows the `354` dot-stuffed with a final
 //! `CRLF.CRLF`, or, with CHUNKING offered and `use_chunking` on, in `BDAT`
 //! chunks after the envelope replies (pipelined when PIPELINING is offered).
-//! RSET is sent only after a transaction that ended without a reply to its
-//! data (MAIL accepted, then every recipient or DATA refused, or a BDAT
-//! chunk refused), so the server's state is clean for the next one.
+//! RSET is sent only after a transaction that ended without its data being
+//! accepted (MAIL accepted, then every recipient or DATA refused, the data
+//! refused, or a BDAT chunk refused), so the server's state is clean for the
+//! next one. RFC 5321 §4.1.1.4 says any reply to the data ends the
+//! transaction, but servers exist (aiosmtpd's `500 Error: strict ASCII mode`)
+//! that keep the envelope after refusing the data and then answer the next
+//! `MAIL` with `503 nested MAIL command`; one RSET after a refusal costs a
+//! round trip only on the rare failed transaction.
 //!
 //! Per-recipient results ([`RecipientResult`]): a refused RCPT keeps its own
 //! reply; MAIL refused, DATA refused and the reply to the data apply to every
@@ -210,7 +215,8 @@ struct Transaction {
     accepted: usize,
     /// DATA sent, or the BDAT stream started.
     data_sent: bool,
-    /// The server answered the end of the data: its transaction state is reset.
+    /// The server accepted the data: its transaction state is reset (a
+    /// refused data is followed by RSET, see the module documentation).
     data_done: bool,
     bdat_chunks: usize,
     bdat_replies: usize,
@@ -698,10 +704,10 @@ impl ClientSession {
                 if self.body.is_some() {
                     return self.premature_reply(now, phase, reply);
                 }
-                tx.data_done = true;
+                tx.data_done = reply.is_positive();
                 tx.settle_open(&reply, phase, true);
             }
-            Expect::EmptyData => tx.data_done = true,
+            Expect::EmptyData => tx.data_done = reply.is_positive(),
             Expect::Bdat => {
                 let emitted = self
                     .body

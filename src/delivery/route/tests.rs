@@ -534,3 +534,82 @@ fn a_partly_failing_aaaa_keeps_the_ipv4_targets() {
     assert_eq!(addrs(&d), vec!["127.0.0.2:2525"]);
     assert!(d.valid_until <= Instant::now() + PARTIAL_ANSWER_TTL);
 }
+
+// ---------------------------------------------------------------------------
+// Mail loops: targets that are Sluice itself.
+
+#[test]
+fn mx_hosts_at_or_above_our_own_preference_are_dropped() {
+    let mut zone = Zone::new();
+    zone.mx("backup.test", 10, "primary.backup.test")
+        .mx("backup.test", 20, "us.backup.test")
+        .mx("backup.test", 20, "peer.backup.test")
+        .mx("backup.test", 30, "last.backup.test")
+        .a("primary.backup.test", "127.0.0.2")
+        .a("us.backup.test", "127.0.0.1")
+        .a("peer.backup.test", "127.0.0.3")
+        .a("last.backup.test", "127.0.0.4")
+        .mx("best.test", 10, "us.backup.test")
+        .mx("best.test", 20, "primary.backup.test")
+        .a("self.test", "127.0.0.1");
+    let (_dns, r) = start(zone);
+    let us: SocketAddr = format!("127.0.0.1:{PORT}").parse().unwrap();
+    let routes = Routes::new(&[], PORT).with_own_addresses(&[us]);
+    // We are a backup MX (20): only the better one (10) is tried.
+    let d = block_on(routes.destination("backup.test", &r)).unwrap();
+    assert_eq!(addrs(&d), vec!["127.0.0.2:2525"]);
+    // We are the best MX: the mail loops (Postfix bounces it the same way).
+    for domain in ["best.test", "self.test"] {
+        let e = block_on(routes.destination(domain, &r)).unwrap_err();
+        assert_eq!(
+            e,
+            DnsError::LoopsBack {
+                domain: domain.into()
+            }
+        );
+        assert!(e.is_permanent());
+        assert_eq!(
+            e.reply().to_string(),
+            format!("554 5.4.6 Mail for {domain} loops back to myself")
+        );
+    }
+    // The same host on another port is not us.
+    let other: SocketAddr = "127.0.0.1:2600".parse().unwrap();
+    let d = block_on(
+        Routes::new(&[], PORT)
+            .with_own_addresses(&[other])
+            .destination("self.test", &r),
+    )
+    .unwrap();
+    assert_eq!(addrs(&d), vec!["127.0.0.1:2525"]);
+}
+
+#[test]
+fn route_hosts_that_are_ourselves_are_dropped() {
+    let (_dns, r) = start(Zone::new());
+    // Listening on every address: any local address on that port is us.
+    let any: SocketAddr = "0.0.0.0:2525".parse().unwrap();
+    let routes = Routes::new(
+        &[
+            route("loop.test", &["127.0.0.5:2525"]),
+            route("half.test", &["127.0.0.5:2525", "127.0.0.6:2526"]),
+            route("[127.0.0.7]", &["127.0.0.7:2525"]),
+        ],
+        PORT,
+    )
+    .with_own_addresses(&[any]);
+    let e = block_on(routes.destination("loop.test", &r)).unwrap_err();
+    assert_eq!(e.enhanced(), EnhancedCode::new(5, 4, 6));
+    let d = block_on(routes.destination("half.test", &r)).unwrap();
+    assert_eq!(addrs(&d), vec!["127.0.0.6:2526"]);
+    assert!(block_on(routes.destination("[127.0.0.7]", &r)).is_err());
+    // Without our addresses (port 0 is not known here) nothing is dropped.
+    let unknown: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let d = block_on(
+        Routes::new(&[route("loop.test", &["127.0.0.1:2525"])], PORT)
+            .with_own_addresses(&[unknown])
+            .destination("loop.test", &r),
+    )
+    .unwrap();
+    assert_eq!(addrs(&d), vec!["127.0.0.1:2525"]);
+}

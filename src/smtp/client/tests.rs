@@ -426,9 +426,38 @@ fn final_dot_refused() {
         h.client();
         h.server(&format!("{code} {enh} no thanks\r\n"));
         assert_eq!(h.last(), vec![r(code, enh, Phase::EndOfData, true); 2]);
-        assert_eq!(h.client(), "", "the server reset itself after the data");
+        // RFC 5321 says the reply ended the transaction, but some servers
+        // (aiosmtpd after `500 Error: strict ASCII mode`) keep the envelope
+        // and answer the next MAIL `503 nested MAIL command`: reset.
+        assert_eq!(h.client(), "RSET\r\n");
+        assert!(!h.s.is_idle());
+        h.server("250 2.0.0 ok\r\n");
         assert!(h.s.is_idle());
     }
+}
+
+#[test]
+fn next_transaction_waits_for_the_rset_after_a_refused_data() {
+    // Seen with aiosmtpd as the destination: the second message was sent
+    // right after a refused one and bounced with `503 nested MAIL command`.
+    let mut h = Harness::ready(config(), EHLO_PIPE);
+    h.send(msg("a@x.test", &["b@y.test"], "one\r\n"));
+    h.send(msg("a@x.test", &["c@y.test"], "two\r\n"));
+    h.client();
+    h.server("250 ok\r\n250 ok\r\n354 go\r\n");
+    assert_eq!(h.client(), "one\r\n.\r\n");
+    h.server("500 Error: strict ASCII mode\r\n");
+    assert_eq!(h.client(), "RSET\r\n", "no MAIL before the RSET reply");
+    h.server("250 OK\r\n");
+    assert_eq!(
+        h.client(),
+        "MAIL FROM:<a@x.test>\r\nRCPT TO:<c@y.test>\r\nDATA\r\n"
+    );
+    h.server("250 ok\r\n250 ok\r\n354 go\r\n");
+    assert_eq!(h.client(), "two\r\n.\r\n");
+    h.server("250 ok\r\n");
+    assert!(h.done[1].recipients[0].is_delivered());
+    assert!(h.s.is_idle());
 }
 
 #[test]
@@ -454,7 +483,8 @@ fn data_354_after_all_rcpts_refused_sends_lone_dot() {
     assert!(h.done.is_empty());
     h.server("554 5.5.1 no valid recipients\r\n");
     assert_eq!(h.last(), vec![r(550, "5.1.1", Phase::Rcpt, true)]);
-    assert_eq!(h.client(), "");
+    assert_eq!(h.client(), "RSET\r\n", "the empty data was refused");
+    h.server("250 ok\r\n");
     assert!(h.s.is_idle());
 }
 
