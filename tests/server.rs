@@ -892,8 +892,12 @@ fn bursts_do_not_pin_memory_in_idle_sessions() {
         held.push(c);
     }
     let grown = rss_kib(pid).saturating_sub(before);
+    // Typically ~1 MiB here; pinned buffers would be ~35 MiB. The bound is
+    // loose because on a loaded machine the allocator's arenas sometimes
+    // keep a few MiB of freed burst buffers (seen failing at 6 MiB in ~1 run
+    // in 12 under load).
     assert!(
-        grown < 6 * 1024,
+        grown < 12 * 1024,
         "100 idle sessions after a burst each: RSS grew {grown} KiB"
     );
     assert!(held[99].cmd("NOOP").starts_with("250"));
