@@ -409,6 +409,23 @@ impl Resolver {
         })
     }
 
+    /// A resolver without a thread, for a process whose delivery is
+    /// disabled: nothing looks anything up, and a broken
+    /// `/etc/resolv.conf` must not stop a relay that only spools. Every
+    /// lookup fails at once with [`DnsError::Stopped`].
+    pub fn disabled(config: &DnsConfig) -> Resolver {
+        // The receiver is dropped: sends fail, which `send` maps to Stopped.
+        let (tx, _) = mpsc::unbounded_channel();
+        Resolver {
+            inner: Arc::new(Inner {
+                tx,
+                thread: Mutex::new(None),
+                ip_order: config.ip_order,
+                max_mx_hosts: config.max_mx_hosts,
+            }),
+        }
+    }
+
     /// The MX records of `domain` (no trailing dot needed; U-labels are
     /// converted to A-labels). Errors: [`DnsError::NoSuchDomain`] for
     /// NXDOMAIN, [`DnsError::Temporary`] for SERVFAIL / REFUSED / timeouts,

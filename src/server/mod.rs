@@ -182,8 +182,12 @@ fn delivery_shared(
     not_before: Option<crate::spool::SpoolId>,
     partitions: Vec<u16>,
 ) -> Result<DeliveryShared, StartupError> {
-    let resolver = Resolver::new(&config.dns)
-        .map_err(|e| StartupError(format!("cannot start the DNS resolver: {e}")))?;
+    let resolver = if config.delivery.enabled {
+        Resolver::new(&config.dns)
+            .map_err(|e| StartupError(format!("cannot start the DNS resolver: {e}")))?
+    } else {
+        Resolver::disabled(&config.dns)
+    };
     let file = &config.log.accounting_file;
     let log = if file.as_os_str().is_empty() {
         Accounting::disabled()

@@ -555,3 +555,20 @@ fn cache_size_zero_disables_the_cache() {
     }
     assert_eq!(dns.queries_for("example.test", "MX"), 3);
 }
+
+#[test]
+fn a_disabled_resolver_has_no_thread_and_fails_lookups_at_once() {
+    // Nameservers that could never answer: `disabled` must not touch them.
+    let config = DnsConfig {
+        nameservers: vec!["127.0.0.1:9".parse().unwrap()],
+        ..DnsConfig::default()
+    };
+    let r = Resolver::disabled(&config);
+    assert!(r.take_thread().is_none());
+    assert!(matches!(
+        block_on(r.mx("example.test")).unwrap_err(),
+        DnsError::Stopped
+    ));
+    assert_eq!(r.max_mx_hosts(), config.max_mx_hosts);
+    r.stop();
+}
