@@ -491,7 +491,7 @@ pub fn iso8601(t: SystemTime) -> String {
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0);
     let secs = ms / 1000;
-    let (y, m, d) = civil_from_days((secs / 86_400) as i64);
+    let (y, m, d) = crate::server::date::civil_from_days((secs / 86_400) as i64);
     let rem = secs % 86_400;
     let mut s = String::with_capacity(24);
     let _ = write!(
@@ -503,21 +503,6 @@ pub fn iso8601(t: SystemTime) -> String {
         ms % 1000
     );
     s
-}
-
-/// Days since 1970-01-01 to (year, month, day); Howard Hinnant's algorithm
-/// (as in `server::date`, which keeps its copy private).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (if m <= 2 { y + 1 } else { y }, m, d)
 }
 
 #[cfg(test)]
