@@ -67,6 +67,12 @@ max_connections_per_ip = 20000
 path = "$SPOOLDIR/spool"
 [metrics]
 listen = "127.0.0.1:0"
+# Postfix parks every message in its hold queue (nothing delivered, qmgr
+# idle); Sluice holds too, so both measure acceptance alone. With delivery
+# on, every message here would be routed to an unresolvable d{j}.test and
+# deferred: a DNS lookup and a second spool write per message.
+[delivery]
+enabled = false
 CONF
 # Each Sluice run starts on an empty spool, as each Postfix run starts on an
 # empty queue (and the disk does not fill up over the reps).
