@@ -374,18 +374,8 @@ impl ClientSession {
                 Ok(None) => break,
                 Err(e) => {
                     let phase = self.current_phase();
-                    let text = format!(
-                        "Malformed reply to {}: {}",
-                        phase.command(),
-                        printable(&e.to_string(), 120)
-                    );
-                    self.fail(
-                        now,
-                        CloseKind::ProtocolError,
-                        phase,
-                        reply!(451, 4, 5, 0, text),
-                        false,
-                    );
+                    let what = format!("Malformed reply to {}", phase.command());
+                    self.protocol_error(now, phase, &what, &e.to_string());
                     return;
                 }
             }
@@ -757,26 +747,25 @@ impl ClientSession {
                 tx.settle_open(&reply, phase, true);
             }
         }
-        let text = format!(
-            "Server replied before the end of the data: {}",
-            printable(&reply.to_string(), 120)
-        );
-        self.fail(
+        self.protocol_error(
             now,
-            CloseKind::ProtocolError,
             phase,
-            reply!(451, 4, 5, 0, text),
-            false,
+            "Server replied before the end of the data",
+            &reply.to_string(),
         );
         false
     }
 
     fn unexpected(&mut self, now: Instant, phase: Phase, reply: &Reply) {
-        let text = format!(
-            "Unexpected reply to {}: {}",
-            phase.command(),
-            printable(&reply.to_string(), 120)
-        );
+        let what = format!("Unexpected reply to {}", phase.command());
+        self.protocol_error(now, phase, &what, &reply.to_string());
+    }
+
+    /// The dialogue is out of step: fails the session as a protocol error
+    /// with `451 4.5.0 <what>: <detail>` (the server's words in `detail`,
+    /// shortened and made printable), the one shape all three causes share.
+    fn protocol_error(&mut self, now: Instant, phase: Phase, what: &str, detail: &str) {
+        let text = format!("{what}: {}", printable(detail, 120));
         self.fail(
             now,
             CloseKind::ProtocolError,
