@@ -4,8 +4,7 @@
 mod common;
 
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -14,49 +13,23 @@ use common::*;
 /// Sends messages until the connection breaks or `stop`; pushes each id
 /// answered with 250 into `acked` the moment it is read.
 fn load(addr: SocketAddr, client: usize, acked: Arc<Mutex<Vec<String>>>, stop: Arc<AtomicBool>) {
-    let run = || -> std::io::Result<()> {
-        let mut s = TcpStream::connect(addr)?;
-        s.set_read_timeout(Some(DEADLINE))?;
-        let mut r = BufReader::new(s.try_clone()?);
-        let mut line = String::new();
-        let mut reply = |r: &mut BufReader<TcpStream>| -> std::io::Result<String> {
-            loop {
-                line.clear();
-                if r.read_line(&mut line)? == 0 {
-                    return Err(std::io::ErrorKind::UnexpectedEof.into());
-                }
-                if line.as_bytes().get(3) != Some(&b'-') {
-                    return Ok(line.clone());
-                }
-            }
-        };
-        reply(&mut r)?;
-        s.write_all(b"EHLO crash.test\r\n")?;
-        reply(&mut r)?;
-        let mut n = 0;
-        while !stop.load(Ordering::Relaxed) {
-            n += 1;
-            s.write_all(
-                format!("MAIL FROM:<c{client}@crash.test>\r\nRCPT TO:<r{n}@dest.test>\r\nDATA\r\n")
-                    .as_bytes(),
-            )?;
-            for _ in 0..3 {
-                reply(&mut r)?;
-            }
-            s.write_all(
-                format!("Subject: {client}/{n}\r\n\r\n{}\r\n.\r\n", "z".repeat(500)).as_bytes(),
-            )?;
-            let done = reply(&mut r)?;
-            if let Some(id) = done.trim_end().strip_prefix("250 2.0.0 Ok: queued as ") {
-                acked.lock().unwrap().push(id.to_owned());
-            } else {
-                assert!(done.starts_with('4'), "unexpected reply {done:?}");
-            }
-        }
-        Ok(())
-    };
-    // Errors are expected: the server is killed under us.
-    let _ = run();
+    send_until_killed(
+        addr,
+        &stop,
+        |n| {
+            (
+                format!("MAIL FROM:<c{client}@crash.test>\r\nRCPT TO:<r{n}@dest.test>\r\nDATA\r\n"),
+                format!("Subject: {client}/{n}\r\n\r\n{}\r\n.\r\n", "z".repeat(500)),
+            )
+        },
+        |_, done| {
+            let id = done
+                .trim_end()
+                .strip_prefix("250 2.0.0 Ok: queued as ")
+                .unwrap_or_else(|| panic!("unexpected reply {done:?}"));
+            acked.lock().unwrap().push(id.to_owned());
+        },
+    );
 }
 
 #[test]

@@ -6,8 +6,7 @@
 mod common;
 
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -18,51 +17,22 @@ use common::*;
 /// Message-ID of each message answered 250 into `acked` as soon as the
 /// reply is read.
 fn load(addr: SocketAddr, tag: String, acked: Arc<Mutex<Vec<String>>>, stop: Arc<AtomicBool>) {
-    let run = || -> std::io::Result<()> {
-        let mut s = TcpStream::connect(addr)?;
-        s.set_read_timeout(Some(DEADLINE))?;
-        let mut r = BufReader::new(s.try_clone()?);
-        let mut line = String::new();
-        let mut reply = |r: &mut BufReader<TcpStream>| -> std::io::Result<String> {
-            loop {
-                line.clear();
-                if r.read_line(&mut line)? == 0 {
-                    return Err(std::io::ErrorKind::UnexpectedEof.into());
-                }
-                if line.as_bytes().get(3) != Some(&b'-') {
-                    return Ok(line.clone());
-                }
-            }
-        };
-        reply(&mut r)?;
-        s.write_all(b"EHLO crash.test\r\n")?;
-        reply(&mut r)?;
-        let mut n = 0;
-        while !stop.load(Ordering::Relaxed) {
-            n += 1;
-            let msgid = format!("<{tag}.{n}@crash>");
-            s.write_all(b"MAIL FROM:<c@src.test>\r\nRCPT TO:<r@dest.test>\r\nDATA\r\n")?;
-            for _ in 0..3 {
-                reply(&mut r)?;
-            }
-            s.write_all(
+    let msgid = |n: u64| format!("<{tag}.{n}@crash>");
+    send_until_killed(
+        addr,
+        &stop,
+        |n| {
+            (
+                "MAIL FROM:<c@src.test>\r\nRCPT TO:<r@dest.test>\r\nDATA\r\n".to_owned(),
                 format!(
-                    "Message-ID: {msgid}\r\nSubject: {tag}/{n}\r\n\r\n{}\r\n.\r\n",
+                    "Message-ID: {}\r\nSubject: {tag}/{n}\r\n\r\n{}\r\n.\r\n",
+                    msgid(n),
                     "z".repeat(900)
-                )
-                .as_bytes(),
-            )?;
-            let done = reply(&mut r)?;
-            if done.starts_with("250 ") {
-                acked.lock().unwrap().push(msgid);
-            } else {
-                assert!(done.starts_with('4'), "unexpected reply {done:?}");
-            }
-        }
-        Ok(())
-    };
-    // Errors are expected: the server is killed under us.
-    let _ = run();
+                ),
+            )
+        },
+        |n, _| acked.lock().unwrap().push(msgid(n)),
+    );
 }
 
 #[test]

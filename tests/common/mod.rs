@@ -323,3 +323,55 @@ pub fn tempdir() -> tempfile::TempDir {
         .tempdir()
         .unwrap()
 }
+
+/// Load for the kill -9 tests: on one connection, sends messages until
+/// `stop` or until the connection breaks (the server is killed under us, so
+/// I/O errors end the loop quietly). `message(n)` gives the n-th message
+/// (1-based) as (the MAIL, RCPT and DATA lines, pipelined; the content
+/// with its final `.` line); `acked(n, reply)` sees every final reply that
+/// starts with `250 `. Any other final reply must be a 4xx.
+pub fn send_until_killed(
+    addr: SocketAddr,
+    stop: &std::sync::atomic::AtomicBool,
+    mut message: impl FnMut(u64) -> (String, String),
+    mut acked: impl FnMut(u64, &str),
+) {
+    let mut run = || -> std::io::Result<()> {
+        let mut s = TcpStream::connect(addr)?;
+        s.set_read_timeout(Some(DEADLINE))?;
+        let mut r = BufReader::new(s.try_clone()?);
+        let mut line = String::new();
+        let mut reply = |r: &mut BufReader<TcpStream>| -> std::io::Result<String> {
+            loop {
+                line.clear();
+                if r.read_line(&mut line)? == 0 {
+                    return Err(std::io::ErrorKind::UnexpectedEof.into());
+                }
+                if line.as_bytes().get(3) != Some(&b'-') {
+                    return Ok(line.clone());
+                }
+            }
+        };
+        reply(&mut r)?;
+        s.write_all(b"EHLO crash.test\r\n")?;
+        reply(&mut r)?;
+        let mut n = 0;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            n += 1;
+            let (envelope, content) = message(n);
+            s.write_all(envelope.as_bytes())?;
+            for _ in 0..3 {
+                reply(&mut r)?;
+            }
+            s.write_all(content.as_bytes())?;
+            let done = reply(&mut r)?;
+            if done.starts_with("250 ") {
+                acked(n, &done);
+            } else {
+                assert!(done.starts_with('4'), "unexpected reply {done:?}");
+            }
+        }
+        Ok(())
+    };
+    let _ = run();
+}
