@@ -974,6 +974,20 @@ mod tests {
             })
     }
 
+    /// `body` split at the positions `cuts` pick (sorted; empty chunks allowed).
+    fn cut<'a>(body: &'a [u8], cuts: &[prop::sample::Index]) -> Vec<&'a [u8]> {
+        let mut points: Vec<usize> = cuts.iter().map(|c| c.index(body.len() + 1)).collect();
+        points.sort_unstable();
+        let mut chunks = Vec::new();
+        let mut last = 0;
+        for p in points {
+            chunks.push(&body[last..p]);
+            last = p;
+        }
+        chunks.push(&body[last..]);
+        chunks
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(600))]
         #[test]
@@ -984,15 +998,7 @@ mod tests {
             raw in any::<bool>(),
         ) {
             let mode = if raw { Mode::Raw } else { Mode::Dot };
-            let mut points: Vec<usize> = cuts.iter().map(|c| c.index(body.len() + 1)).collect();
-            points.sort_unstable();
-            let mut chunks = Vec::new();
-            let mut last = 0;
-            for p in points {
-                chunks.push(&body[last..p]);
-                last = p;
-            }
-            chunks.push(&body[last..]);
+            let chunks = cut(&body, &cuts);
             let want = reference::decode(mode, &limits, &body);
             let got = scan(mode, limits, &chunks);
             prop_assert_eq!(got, want);
@@ -1009,15 +1015,7 @@ mod tests {
             raw in any::<bool>(),
         ) {
             let mode = if raw { Mode::Raw } else { Mode::Dot };
-            let mut points: Vec<usize> = cuts.iter().map(|c| c.index(body.len() + 1)).collect();
-            points.sort_unstable();
-            let mut chunks = Vec::new();
-            let mut last = 0;
-            for p in points {
-                chunks.push(&body[last..p]);
-                last = p;
-            }
-            chunks.push(&body[last..]);
+            let chunks = cut(&body, &cuts);
             let want = reference::decode(mode, &limits, &body);
             let got = scan(mode, limits, &chunks);
             prop_assert_eq!(got, want);
