@@ -248,6 +248,9 @@ pub struct SpoolConfig {
     /// Seconds a spool flush may take before its messages get `452 4.3.1`
     /// and new ones are refused until it completes.
     pub flush_timeout: u64,
+    /// Milliseconds by which sled (envelopes, delivery state) may lag the
+    /// body log, which alone makes an accepted message durable.
+    pub index_flush_interval_ms: u64,
 }
 
 impl Default for SpoolConfig {
@@ -256,6 +259,7 @@ impl Default for SpoolConfig {
             path: PathBuf::from("./sluice-spool"),
             min_free_space: 256 * 1024 * 1024,
             flush_timeout: 10,
+            index_flush_interval_ms: 100,
         }
     }
 }
@@ -266,6 +270,7 @@ impl SpoolConfig {
         crate::spool::SpoolOptions {
             min_free_space: self.min_free_space,
             flush_timeout: Duration::from_secs(self.flush_timeout),
+            index_flush_interval: Duration::from_millis(self.index_flush_interval_ms),
         }
     }
 }
@@ -800,6 +805,9 @@ impl Config {
         self.delivery.validate()?;
         if self.spool.flush_timeout == 0 {
             return bad("spool.flush_timeout must be positive");
+        }
+        if self.spool.index_flush_interval_ms > 60_000 {
+            return bad("spool.index_flush_interval_ms must be at most 60000");
         }
         self.dns.validate()?;
         let mut seen = std::collections::HashSet::new();

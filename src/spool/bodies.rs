@@ -1,19 +1,33 @@
-//! Message bodies in append-only segment files, one series per shard.
+//! Message records in append-only segment files, one series per shard: the
+//! spool's journal.
 //!
 //! Why not in sled: sled 0.34 rewrites a whole B-tree node (up to 17
 //! values) every 10th update of it and on every split. With bodies as
 //! values that meant 594 KB written to disk per 100 KiB message and 40 KB per
 //! 5 KiB one (measured with `/proc/PID/io`), and the disk, not the CPU,
-//! limited throughput. Here a body is written once: appended to the shard's
-//! current segment (`bodies/SSSSS-NNNNNNNNNNNN.body`) with an io_uring write,
-//! so the shard never blocks; sled keeps only a small pointer
-//! (`b'P' ++ id` -> segment, offset, length, CRC-32) next to the envelope.
+//! limited throughput. Here a message is written once: one record (header,
+//! envelope, body) appended to the shard's current segment
+//! (`bodies/SSSSS-NNNNNNNNNNNN.body`); sled keeps the envelope and a small
+//! pointer (`b'P' ++ id` -> segment, offset, length, CRC-32) to the body.
 //!
-//! Durability: the write is registered with the [`Dirty`] set *before* the
-//! writer takes its flush ticket, and the flusher `fdatasync`s every dirty
-//! segment (and the directory when a segment was created) before it flushes
-//! sled. So when the envelope and pointer are durable, the body is too. A body
-//! whose envelope never became durable is garbage, removed with its segment.
+//! Why the envelope is in the record too: it makes the segments a journal.
+//! A store is durable once its segment is `fdatasync`ed (a *journal* flush,
+//! see [`super::flusher`]); sled is made durable lazily, a few times a
+//! second, instead of once per group commit (sled's flush costs a thread
+//! hand-off and a `sync_file_range` round trip on top of our `fdatasync`,
+//! and was a third of the CPU at full load). What sled lost in a crash, the
+//! start-up [`replay`] restores from the records after the shard's
+//! watermark (`b'W'` in its tree: the end of the last record whose
+//! envelope and pointer went into sled, written in the same batch).
+//!
+//! Appends are a plain `pwrite` from the shard into the page cache (tens of
+//! microseconds for 100 KiB; measured cheaper than an io_uring write, which
+//! ext4 hands to a kernel worker thread). Being synchronous, they finish in
+//! the order their ranges were reserved, so a torn record can only be the
+//! last one of a segment, and a failed write closes its segment: the replay
+//! stops at the first invalid record of a segment and loses nothing
+//! acknowledged. A segment from an earlier build (no [`SEGMENT_MAGIC`]) holds
+//! bare bodies; it is read through pointers and never replayed.
 //!
 //! Space: a segment is deleted once every message in it was removed (live
 //! counts are rebuilt from the pointers at start-up); a restart starts a new
@@ -23,7 +37,6 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 
 use super::{SpoolError, SpoolId};
@@ -75,6 +88,171 @@ impl BodyRef {
             crc: u32::from_be_bytes([b[24], b[25], b[26], b[27]]),
         })
     }
+}
+
+/// The first octets of every segment that holds records.
+pub(crate) const SEGMENT_MAGIC: &[u8; 8] = b"SLUICEJ1";
+const RECORD_MAGIC: u32 = 0x534c_5231; // "SLR1"
+/// magic u32, flags u8, 3 zero octets, id u64, envelope length u32, body
+/// CRC-32 u32, body length u64, header CRC-32 u32 (over the 32 octets
+/// before it and the envelope); big-endian.
+const RECORD_HEADER: usize = 36;
+/// Record flag: restore the message at start-up if sled lost it. DSNs are
+/// written without it: they go into sled in the same batch that removes
+/// their original, with a full flush, and restoring one alone would leave
+/// both.
+const FLAG_REPLAY: u8 = 1;
+
+/// A position in a shard's segment series: (segment, offset). The `W`
+/// watermark in sled is the end of the last record applied to sled.
+pub(crate) type Position = (u64, u64);
+
+pub(crate) fn encode_position(p: Position) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&p.0.to_be_bytes());
+    b[8..].copy_from_slice(&p.1.to_be_bytes());
+    b
+}
+
+pub(crate) fn decode_position(b: &[u8]) -> Result<Position, SpoolError> {
+    let b: &[u8; 16] = b.try_into().map_err(|_| SpoolError::Corrupt {
+        what: "watermark".into(),
+        reason: format!("{} octets, expected 16", b.len()),
+    })?;
+    let (seq, off) = b.split_at(8);
+    Ok((
+        u64::from_be_bytes(seq.try_into().expect("8 octets")),
+        u64::from_be_bytes(off.try_into().expect("8 octets")),
+    ))
+}
+
+/// One record as written (see [`BodyLog::append`]).
+fn encode_record(id: SpoolId, flags: u8, envelope: &[u8], parts: &[&[u8]]) -> (Vec<u8>, u32) {
+    let body_len: usize = parts.iter().map(|p| p.len()).sum();
+    let mut buf = Vec::with_capacity(RECORD_HEADER + envelope.len() + body_len);
+    buf.resize(RECORD_HEADER, 0);
+    buf.extend_from_slice(envelope);
+    let mut body_crc = crc32fast::Hasher::new();
+    for p in parts {
+        body_crc.update(p);
+        buf.extend_from_slice(p);
+    }
+    let body_crc = body_crc.finalize();
+    let env_len = u32::try_from(envelope.len()).expect("an envelope is far below 4 GiB");
+    buf[..4].copy_from_slice(&RECORD_MAGIC.to_be_bytes());
+    buf[4] = flags;
+    buf[8..16].copy_from_slice(&id.to_be_bytes());
+    buf[16..20].copy_from_slice(&env_len.to_be_bytes());
+    buf[20..24].copy_from_slice(&body_crc.to_be_bytes());
+    buf[24..32].copy_from_slice(&(body_len as u64).to_be_bytes());
+    let head_crc = header_crc(&buf[..32], envelope);
+    buf[32..36].copy_from_slice(&head_crc.to_be_bytes());
+    (buf, body_crc)
+}
+
+fn header_crc(head: &[u8], envelope: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(head);
+    h.update(envelope);
+    h.finalize()
+}
+
+/// A record found by [`replay`].
+#[derive(Debug)]
+pub(crate) struct Replayed {
+    pub id: SpoolId,
+    /// Whether to restore it if sled lost it ([`FLAG_REPLAY`]).
+    pub restore: bool,
+    pub envelope: Vec<u8>,
+    pub body: BodyRef,
+    /// Where the record ends.
+    pub end: Position,
+}
+
+/// Every valid record of `shard`'s segments at or after `from`, in order.
+/// Reads a segment up to its first invalid record (a torn tail: never
+/// acknowledged, see the module docs). Segments without [`SEGMENT_MAGIC`]
+/// are skipped.
+pub(crate) fn replay(
+    spool: &Path,
+    shard: u16,
+    from: Position,
+) -> Result<Vec<Replayed>, SpoolError> {
+    let dir = spool.join(BODIES_DIR);
+    let mut seqs: Vec<u64> = match std::fs::read_dir(&dir) {
+        Ok(entries) => entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().to_str().and_then(parse_segment_name))
+            .filter(|&(s, seq)| s == shard && seq >= from.0)
+            .map(|(_, seq)| seq)
+            .collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(io_err(e)),
+    };
+    seqs.sort_unstable();
+    let mut out = Vec::new();
+    for seq in seqs {
+        let data = std::fs::read(dir.join(segment_name(shard, seq))).map_err(io_err)?;
+        if !data.starts_with(SEGMENT_MAGIC) {
+            continue;
+        }
+        let start = if seq == from.0 { from.1 } else { 0 };
+        let mut at = usize::try_from(start)
+            .unwrap_or(usize::MAX)
+            .max(SEGMENT_MAGIC.len());
+        while let Some((rec, next)) = parse_record(&data, at, seq) {
+            out.push(rec);
+            at = next;
+        }
+        if at < data.len() {
+            tracing::info!(
+                shard,
+                segment = seq,
+                offset = at,
+                tail = data.len() - at,
+                "segment ends in a record that was never completed (not acknowledged); ignored"
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// The record at `at` in segment `seq`'s `data`, and where the next begins.
+fn parse_record(data: &[u8], at: usize, seq: u64) -> Option<(Replayed, usize)> {
+    let head = data.get(at..at.checked_add(RECORD_HEADER)?)?;
+    let u32_at = |i: usize| u32::from_be_bytes(head[i..i + 4].try_into().expect("4 octets"));
+    let u64_at = |i: usize| u64::from_be_bytes(head[i..i + 8].try_into().expect("8 octets"));
+    if u32_at(0) != RECORD_MAGIC {
+        return None;
+    }
+    let env_len = u32_at(16) as usize;
+    let body_crc = u32_at(20);
+    let body_len = usize::try_from(u64_at(24)).ok()?;
+    let env_at = at + RECORD_HEADER;
+    let envelope = data.get(env_at..env_at.checked_add(env_len)?)?;
+    if header_crc(&head[..32], envelope) != u32_at(32) {
+        return None;
+    }
+    let body_at = env_at + env_len;
+    let end = body_at.checked_add(body_len)?;
+    if crc32fast::hash(data.get(body_at..end)?) != body_crc {
+        return None;
+    }
+    Some((
+        Replayed {
+            id: SpoolId::from_u64(u64_at(8)),
+            restore: head[4] & FLAG_REPLAY != 0,
+            envelope: envelope.to_vec(),
+            body: BodyRef {
+                segment: seq,
+                offset: body_at as u64,
+                len: body_len as u64,
+                crc: body_crc,
+            },
+            end: (seq, end as u64),
+        },
+        end,
+    ))
 }
 
 /// Segment files written since the last flush, shared by every shard and
@@ -129,14 +307,12 @@ impl Dirty {
 
 struct Segment {
     seq: u64,
-    /// For appends (io_uring; the shard never blocks on them).
-    writer: Rc<glommio::io::BufferedFile>,
-    /// For the flusher's fdatasync and for reads.
+    /// For appends (`pwrite`), the flusher's fdatasync and reads.
     file: Arc<std::fs::File>,
     len: u64,
 }
 
-/// One shard's body segments. Single-threaded (lives in its partition).
+/// One shard's segments. Single-threaded (lives in its partition).
 pub(crate) struct BodyLog {
     dir: PathBuf,
     shard: u16,
@@ -147,8 +323,6 @@ pub(crate) struct BodyLog {
     /// Read handles, opened on demand.
     readers: RefCell<HashMap<u64, Arc<std::fs::File>>>,
     dirty: Arc<Dirty>,
-    /// Serialises segment creation (it awaits the open).
-    creating: glommio::sync::Semaphore,
 }
 
 impl std::fmt::Debug for BodyLog {
@@ -170,24 +344,44 @@ fn parse_segment_name(name: &str) -> Option<(u16, u64)> {
     Some((shard.parse().ok()?, seq.parse().ok()?))
 }
 
+/// The shards that have segments under `spool` (their trees may not have
+/// reached sled's disk before a crash).
+pub(crate) fn shards_with_segments(spool: &Path) -> Result<Vec<u16>, SpoolError> {
+    let mut shards: Vec<u16> = match std::fs::read_dir(spool.join(BODIES_DIR)) {
+        Ok(entries) => entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().to_str().and_then(parse_segment_name))
+            .map(|(s, _)| s)
+            .collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(io_err(e)),
+    };
+    shards.sort_unstable();
+    shards.dedup();
+    Ok(shards)
+}
+
 fn io_err(e: std::io::Error) -> SpoolError {
     SpoolError::Storage(sled::Error::Io(e))
 }
 
 impl BodyLog {
     /// Opens `shard`'s series under `spool`, given the segments its
-    /// pointers refer to (`live`: segment -> messages). Deletes this shard's
-    /// segments nothing refers to (bodies of messages never acknowledged, or
-    /// all removed). Appends go to a new segment.
+    /// pointers refer to (`live`: segment -> messages) and its watermark.
+    /// Deletes this shard's segments nothing refers to (records of messages
+    /// never acknowledged, or all removed). Appends go to a new segment,
+    /// numbered above every segment and the watermark (a number below the
+    /// watermark would never be replayed).
     pub(crate) fn open(
         spool: &Path,
         shard: u16,
         live: HashMap<u64, u64>,
+        watermark: Position,
         dirty: Arc<Dirty>,
     ) -> Result<BodyLog, SpoolError> {
         let dir = spool.join(BODIES_DIR);
         std::fs::create_dir_all(&dir).map_err(io_err)?;
-        let mut max_seq = live.keys().copied().max().unwrap_or(0);
+        let mut max_seq = live.keys().copied().max().unwrap_or(0).max(watermark.0);
         for entry in std::fs::read_dir(&dir).map_err(io_err)? {
             let entry = entry.map_err(io_err)?;
             let name = entry.file_name();
@@ -211,107 +405,98 @@ impl BodyLog {
             live: RefCell::new(live),
             readers: RefCell::new(HashMap::new()),
             dirty,
-            creating: glommio::sync::Semaphore::new(1),
         })
     }
 
-    /// Appends `parts` (concatenated) as one body; durable with the next
-    /// flush of the spool. On error nothing refers to the bytes written.
-    pub(crate) async fn append(&self, parts: &[&[u8]]) -> Result<BodyRef, SpoolError> {
-        let len: u64 = parts.iter().map(|p| p.len() as u64).sum();
-        let mut buf = Vec::with_capacity(len as usize);
-        for p in parts {
-            buf.extend_from_slice(p);
+    /// Appends one record: `envelope` and the body `parts` (concatenated).
+    /// `restore`: the start-up replay restores it if sled lost it. Durable
+    /// with the next flush of the spool; returns where the body is and
+    /// where the record ends. On error nothing refers to the bytes written.
+    ///
+    /// Synchronous on purpose (see the module docs): no other task of the
+    /// shard runs between the reservation and the write, so records finish
+    /// in order, and the caller can put the pointer and watermark into sled
+    /// before anything else appends.
+    pub(crate) fn append(
+        &self,
+        id: SpoolId,
+        envelope: &[u8],
+        parts: &[&[u8]],
+        restore: bool,
+    ) -> Result<(BodyRef, Position), SpoolError> {
+        let flags = if restore { FLAG_REPLAY } else { 0 };
+        let (record, crc) = encode_record(id, flags, envelope, parts);
+        let total = record.len() as u64;
+        let new_segment = self.ensure_room(total)?;
+        let mut cur = self.current.borrow_mut();
+        let seg = cur.as_mut().expect("ensure_room opened a segment");
+        let offset = seg.len;
+        if let Err(e) = seg.file.write_all_at(&record, offset) {
+            // Part of it may be on disk: nothing may follow it in this
+            // segment (the replay reads a segment up to its first invalid
+            // record). Appends go to a new one.
+            let seq = seg.seq;
+            drop(cur);
+            self.close_current();
+            tracing::warn!(shard = self.shard, segment = seq, error = %e, "body segment write failed; starting a new segment");
+            return Err(io_err(e));
         }
-        let crc = crc32fast::hash(&buf);
-        let new_segment = self.ensure_room(len).await?;
-        let (seq, writer, file, offset) = {
-            let mut cur = self.current.borrow_mut();
-            let seg = cur.as_mut().expect("ensure_room opened a segment");
-            let offset = seg.len;
-            // Reserve the range and count the message before the await, so
-            // a concurrent append on this shard gets the next range and the
-            // segment cannot be deleted under us.
-            seg.len += len;
-            *self.live.borrow_mut().entry(seg.seq).or_insert(0) += 1;
-            (
-                seg.seq,
-                Rc::clone(&seg.writer),
-                Arc::clone(&seg.file),
-                offset,
-            )
-        };
-        if let Err(e) = Self::write_all_at(&writer, buf, offset).await {
-            self.release(seq);
-            return Err(e);
-        }
-        self.dirty.mark((self.shard, seq), &file, new_segment);
-        Ok(BodyRef {
-            segment: seq,
-            offset,
-            len,
-            crc,
-        })
+        seg.len += total;
+        *self.live.borrow_mut().entry(seg.seq).or_insert(0) += 1;
+        self.dirty
+            .mark((self.shard, seg.seq), &seg.file, new_segment);
+        let body_len = total - (RECORD_HEADER + envelope.len()) as u64;
+        Ok((
+            BodyRef {
+                segment: seg.seq,
+                offset: offset + total - body_len,
+                len: body_len,
+                crc,
+            },
+            (seg.seq, offset + total),
+        ))
     }
 
-    async fn write_all_at(
-        writer: &glommio::io::BufferedFile,
-        buf: Vec<u8>,
-        offset: u64,
-    ) -> Result<(), SpoolError> {
-        let len = buf.len();
-        if len == 0 {
-            return Ok(());
+    /// Closes the current segment for appends (deleted if nothing in it
+    /// is live).
+    fn close_current(&self) {
+        let old = self.current.borrow_mut().take();
+        if let Some(old) = old {
+            self.maybe_delete(old.seq);
         }
-        let n = writer
-            .write_at(buf, offset)
-            .await
-            .map_err(|e| io_err(e.into()))?;
-        // A regular file only writes short when it cannot take more (file
-        // size limit, full disk): a failure like any other.
-        if n < len {
-            return Err(io_err(std::io::Error::new(
-                std::io::ErrorKind::WriteZero,
-                format!("short write to body segment ({n} of {len} octets)"),
-            )));
-        }
-        Ok(())
     }
 
     /// Makes sure the current segment can take `len` more octets; returns
-    /// whether a segment was created. One creation at a time per shard.
-    async fn ensure_room(&self, len: u64) -> Result<bool, SpoolError> {
-        let fits = |cur: &Option<Segment>| {
-            cur.as_ref()
-                .is_some_and(|seg| seg.len == 0 || seg.len + len <= SEGMENT_BYTES)
-        };
-        if fits(&self.current.borrow()) {
+    /// whether a segment was created.
+    fn ensure_room(&self, len: u64) -> Result<bool, SpoolError> {
+        let magic = SEGMENT_MAGIC.len() as u64;
+        let fits = self
+            .current
+            .borrow()
+            .as_ref()
+            .is_some_and(|seg| seg.len == magic || seg.len + len <= SEGMENT_BYTES);
+        if fits {
             return Ok(false);
-        }
-        let _permit = self.creating.acquire_permit(1).await;
-        if fits(&self.current.borrow()) {
-            return Ok(false); // another append created it meanwhile
         }
         let seq = self.next_seq.get();
         self.next_seq.set(seq + 1);
         let path = self.dir.join(segment_name(self.shard, seq));
-        let writer = glommio::io::OpenOptions::new()
+        let file = std::fs::OpenOptions::new()
+            .read(true)
             .write(true)
             .create_new(true)
-            .buffered_open(&path)
-            .await
-            .map_err(|e| io_err(e.into()))?;
-        let file = std::fs::File::open(&path).map_err(io_err)?;
-        let old = self.current.borrow_mut().replace(Segment {
-            seq,
-            writer: Rc::new(writer),
-            file: Arc::new(file),
-            len: 0,
-        });
-        if let Some(old) = old {
-            // Closed for appends; delete it now if everything in it is gone.
-            self.maybe_delete(old.seq);
+            .open(&path)
+            .map_err(io_err)?;
+        if let Err(e) = file.write_all_at(SEGMENT_MAGIC, 0) {
+            let _ = std::fs::remove_file(&path);
+            return Err(io_err(e));
         }
+        self.close_current();
+        *self.current.borrow_mut() = Some(Segment {
+            seq,
+            file: Arc::new(file),
+            len: magic,
+        });
         Ok(true)
     }
 

@@ -1,19 +1,34 @@
-//! The process-wide flusher: one thread that makes the whole spool durable,
-//! on behalf of every shard at once.
+//! The process-wide flusher: one thread that makes the spool durable, on
+//! behalf of every shard at once.
 //!
-//! Group commit: a write is durable once a flush that *started after it was
-//! applied* has finished. Every writer takes a ticket; a ticket taken while a
-//! flush runs is served by the next one, together with every other ticket
-//! taken meanwhile, so under load N writers share one `fsync` pair, without
-//! any timer. sled's flush covers the whole `Db`, not one tree, so one
-//! flusher serves every shard: one flush in flight for the process, and a
-//! flush started for shard 0's writers also settles shard 1's.
+//! Two kinds of flush (see `docs/spool.md` "Durability"):
 //!
-//! A flush is `fdatasync` of the body segments written since the last one
-//! (see [`super::bodies`]), then sled's `flush` (write its buffers; it ends
-//! with `sync_file_range`, which is not durable on its own), then
-//! `fdatasync` of sled's log file. Both block, so they run on this thread,
-//! never on a shard; shards await a [`FlushFuture`], woken across threads.
+//! * a **journal** flush: `fdatasync` of the body segments written since
+//!   the last flush (and of `bodies/` when a segment was created). A
+//!   segment record holds a message's envelope and body, so this alone
+//!   makes a stored message durable: what sled lost, the start-up replay
+//!   restores from the segments (see [`super::bodies`]). This is the flush
+//!   behind every `250`.
+//! * a **full** flush: the same, then sled's `flush` (it writes its
+//!   buffers and ends with `sync_file_range`, which is not durable on its
+//!   own), then `fdatasync` of sled's log file. Segments first: once a
+//!   pointer is durable, its body is.
+//!
+//! Group commit: a write is durable once a flush of the kind it needs that
+//! *started after it was applied* has finished. Every writer takes a
+//! ticket; tickets taken while a flush runs are served by the next one, all
+//! together, so under load N writers share one flush, without any timer.
+//!
+//! Full flushes are rare: asked for by writes that must be in sled itself
+//! (an update, a removal that spools a DSN), by shutdown, and at the latest
+//! the lazy interval after a write that only asked to be flushed "soon"
+//! (a store, a delivered message's removal); that bound is
+//! `[spool] index_flush_interval_ms`. sled's flush covers the whole
+//! `Db`, and its own periodic flusher is off (it would not sync segments
+//! first), so this thread is the only one that ever makes sled durable.
+//!
+//! Both kinds block, so they run on this thread, never on a shard; shards
+//! await a [`FlushFuture`], woken across threads.
 
 use std::future::Future;
 use std::path::Path;
@@ -22,21 +37,80 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
+/// The default lazy interval: the longest a write that did not ask for a
+/// full flush waits for one. It is the window in which a crash can make the
+/// start-up replay restore a message that was already delivered (a
+/// duplicate, never a loss), and how long a delivered message's body space
+/// stays reserved.
+pub const DEFAULT_INDEX_FLUSH_INTERVAL: Duration = Duration::from_millis(100);
+
+/// What a flush makes durable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// Body segments only.
+    Journal,
+    /// Body segments, then sled.
+    Full,
+}
+
 #[derive(Default)]
 struct State {
-    /// Tickets handed out (a ticket = "durable once a flush that started
-    /// after me has finished").
-    requested: u64,
-    /// Every ticket up to this one is settled.
-    done: u64,
+    /// See [`DEFAULT_INDEX_FLUSH_INTERVAL`].
+    lazy_interval: Duration,
+    /// Journal tickets handed out; every one up to `journal_done` is settled
+    /// (both kinds of flush settle them).
+    journal_requested: u64,
+    journal_done: u64,
+    /// Full flushes started and finished. A full ticket taken when
+    /// `full_started` was `n` is settled once `full_finished > n`.
+    full_started: u64,
+    full_finished: u64,
+    /// A waiter needs a full flush as soon as possible.
+    full_wanted: bool,
+    /// The oldest write waiting for a full flush "soon".
+    lazy_since: Option<Instant>,
     /// Sticky: once a flush failed, sled is wedged for this process.
     error: Option<sled::Error>,
-    waiters: Vec<(u64, Waker)>,
+    /// (waiter id, what it waits for, its waker); ids are unique, tickets
+    /// are not (every full waiter of one flush has the same).
+    waiters: Vec<(u64, Ticket, Waker)>,
+    next_waiter: u64,
     stop: bool,
     /// Counters for tests and metrics.
     flushes: u64,
     covered: u64,
     max_batch: u64,
+}
+
+/// What a waiter waits for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ticket {
+    Journal(u64),
+    /// Settled once this many full flushes have finished.
+    Full(u64),
+}
+
+impl State {
+    fn settled(&self, t: Ticket) -> bool {
+        match t {
+            Ticket::Journal(n) => self.journal_done >= n,
+            Ticket::Full(n) => self.full_finished >= n,
+        }
+    }
+
+    /// The flush to start now, if any.
+    fn due(&self, now: Instant) -> Option<Kind> {
+        let lazy_due = self
+            .lazy_since
+            .is_some_and(|t| self.stop || now.duration_since(t) >= self.lazy_interval);
+        if self.full_wanted || lazy_due {
+            Some(Kind::Full)
+        } else if self.journal_requested > self.journal_done {
+            Some(Kind::Journal)
+        } else {
+            None
+        }
+    }
 }
 
 struct Shared {
@@ -62,15 +136,20 @@ pub(crate) const SLED_LOG_FILE: &str = "db";
 
 impl Flusher {
     /// Starts the thread for `db`, whose directory is `path`.
+    /// `lazy`: the lazy interval (see [`DEFAULT_INDEX_FLUSH_INTERVAL`]).
     pub(crate) fn start(
         db: sled::Db,
         path: &Path,
         bodies: Arc<super::bodies::Dirty>,
+        lazy: Duration,
     ) -> std::io::Result<Flusher> {
         let log = std::fs::File::open(path.join(SLED_LOG_FILE))?;
         let spool = path.to_path_buf();
         let shared = Arc::new(Shared {
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State {
+                lazy_interval: lazy,
+                ..State::default()
+            }),
             wake: Condvar::new(),
         });
         let (exited_tx, exited) = std::sync::mpsc::channel();
@@ -78,11 +157,12 @@ impl Flusher {
         std::thread::Builder::new()
             .name("sluice-spool-flush".into())
             .spawn(move || {
-                run(&s, || {
-                    // Bodies first: once a pointer is durable, its body is.
+                run(&s, |kind| {
                     bodies.sync(&spool)?;
-                    db.flush()?;
-                    log.sync_data()?;
+                    if kind == Kind::Full {
+                        db.flush()?;
+                        log.sync_data()?;
+                    }
                     Ok(())
                 });
                 drop(db);
@@ -94,17 +174,47 @@ impl Flusher {
         })
     }
 
-    /// Resolves once a flush that started after this call has finished.
-    pub(crate) fn flush(self: &Arc<Self>) -> FlushFuture {
+    /// Resolves once a flush of `kind` that started after this call has
+    /// finished (a full flush also settles journal tickets).
+    pub(crate) fn flush(self: &Arc<Self>, kind: Kind) -> FlushFuture {
         FlushFuture {
             flusher: Arc::clone(self),
+            kind,
+            lazy: false,
             ticket: None,
+        }
+    }
+
+    /// Like a full [`Flusher::flush`], but does not hurry it: resolves after
+    /// the next full flush, which starts within the lazy interval.
+    pub(crate) fn full_flush_soon(self: &Arc<Self>) -> FlushFuture {
+        FlushFuture {
+            flusher: Arc::clone(self),
+            kind: Kind::Full,
+            lazy: true,
+            ticket: None,
+        }
+    }
+
+    /// Asks for a full flush within the lazy interval without waiting
+    /// for it (a write whose durability in sled may lag).
+    pub(crate) fn note_lazy_write(&self) {
+        let mut st = lock(&self.shared);
+        if st.lazy_since.is_none() {
+            st.lazy_since = Some(Instant::now());
+            self.shared.wake.notify_one();
         }
     }
 
     /// Flushes completed so far (each covering one or more writes).
     pub(crate) fn flush_count(&self) -> u64 {
         lock(&self.shared).flushes
+    }
+
+    /// Full flushes completed so far.
+    #[cfg(test)]
+    pub(crate) fn full_flush_count(&self) -> u64 {
+        lock(&self.shared).full_finished
     }
 
     /// Writes settled by those flushes.
@@ -120,6 +230,7 @@ impl Flusher {
 
 impl Drop for Flusher {
     fn drop(&mut self) {
+        // The thread still runs a full flush owed to lazy writes first.
         lock(&self.shared).stop = true;
         self.shared.wake.notify_all();
         // Wait a little so sled's file lock is released when the spool is
@@ -135,28 +246,65 @@ fn lock(shared: &Shared) -> std::sync::MutexGuard<'_, State> {
     shared.state.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The thread: wait for requests, flush, settle every request made before
-/// the flush started, repeat.
-fn run(shared: &Shared, mut flush: impl FnMut() -> Result<(), sled::Error>) {
+/// The thread: wait until a flush is due, run it, settle every ticket taken
+/// before it started, repeat.
+fn run(shared: &Shared, mut flush: impl FnMut(Kind) -> Result<(), sled::Error>) {
     loop {
-        let target = {
+        let (kind, journal_target) = {
             let mut st = lock(shared);
-            while st.requested == st.done && !st.stop {
-                st = shared.wake.wait(st).unwrap_or_else(|e| e.into_inner());
+            let kind = loop {
+                let now = Instant::now();
+                if let Some(kind) = st.due(now) {
+                    break kind;
+                }
+                if st.stop {
+                    return; // nothing owed
+                }
+                st = match st.lazy_since {
+                    Some(t) => {
+                        let left = st.lazy_interval.saturating_sub(now.duration_since(t));
+                        shared
+                            .wake
+                            .wait_timeout(st, left)
+                            .unwrap_or_else(|e| e.into_inner())
+                            .0
+                    }
+                    None => shared.wake.wait(st).unwrap_or_else(|e| e.into_inner()),
+                };
+            };
+            if kind == Kind::Full {
+                st.full_started += 1;
+                st.full_wanted = false;
+                st.lazy_since = None;
             }
-            if st.requested == st.done {
-                return; // stopping, nothing pending
-            }
-            st.requested
+            (kind, st.journal_requested)
         };
         let started = Instant::now();
-        let result = flush();
-        metrics::histogram!("sluice_spool_flush_seconds").record(started.elapsed().as_secs_f64());
+        let result = if lock(shared).error.is_some() {
+            Ok(()) // wedged: settle with the sticky error, touch nothing
+        } else {
+            flush(kind)
+        };
+        let label = match kind {
+            Kind::Journal => "journal",
+            Kind::Full => "full",
+        };
+        metrics::histogram!("sluice_spool_flush_seconds", "kind" => label)
+            .record(started.elapsed().as_secs_f64());
         let ready: Vec<Waker> = {
             let mut st = lock(shared);
-            let batch = target - st.done;
-            metrics::histogram!("sluice_spool_flush_batch_size").record(batch as f64);
-            st.done = target;
+            let mut batch = journal_target - st.journal_done;
+            st.journal_done = journal_target;
+            if kind == Kind::Full {
+                st.full_finished += 1;
+                batch += st
+                    .waiters
+                    .iter()
+                    .filter(|(_, t, _)| *t == Ticket::Full(st.full_finished))
+                    .count() as u64;
+            }
+            metrics::histogram!("sluice_spool_flush_batch_size", "kind" => label)
+                .record(batch as f64);
             st.flushes += 1;
             st.covered += batch;
             st.max_batch = st.max_batch.max(batch);
@@ -166,9 +314,9 @@ fn run(shared: &Shared, mut flush: impl FnMut() -> Result<(), sled::Error>) {
             }
             let (ready, waiting) = std::mem::take(&mut st.waiters)
                 .into_iter()
-                .partition(|(t, _)| *t <= target);
+                .partition(|(_, t, _)| st.settled(*t));
             st.waiters = waiting;
-            ready.into_iter().map(|(_, w)| w).collect()
+            ready.into_iter().map(|(_, _, w)| w).collect()
         };
         for w in ready {
             w.wake();
@@ -179,7 +327,10 @@ fn run(shared: &Shared, mut flush: impl FnMut() -> Result<(), sled::Error>) {
 /// See [`Flusher::flush`].
 pub(crate) struct FlushFuture {
     flusher: Arc<Flusher>,
-    ticket: Option<u64>,
+    kind: Kind,
+    lazy: bool,
+    /// (waiter id, ticket) once registered.
+    ticket: Option<(u64, Ticket)>,
 }
 
 impl Future for FlushFuture {
@@ -189,25 +340,39 @@ impl Future for FlushFuture {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let shared = Arc::clone(&self.flusher.shared);
         let mut st = lock(&shared);
-        let ticket = match self.ticket {
+        let (id, ticket) = match self.ticket {
             Some(t) => t,
             None => {
-                st.requested += 1;
-                let t = st.requested;
-                self.ticket = Some(t);
+                let t = match self.kind {
+                    Kind::Journal => {
+                        st.journal_requested += 1;
+                        Ticket::Journal(st.journal_requested)
+                    }
+                    Kind::Full => {
+                        if self.lazy {
+                            st.lazy_since.get_or_insert_with(Instant::now);
+                        } else {
+                            st.full_wanted = true;
+                        }
+                        Ticket::Full(st.full_started + 1)
+                    }
+                };
+                st.next_waiter += 1;
+                let id = st.next_waiter;
+                self.ticket = Some((id, t));
                 shared.wake.notify_one();
-                t
+                (id, t)
             }
         };
-        if st.done >= ticket {
+        if st.settled(ticket) {
             return Poll::Ready(match &st.error {
                 Some(e) => Err(e.clone()),
                 None => Ok(0),
             });
         }
-        match st.waiters.iter_mut().find(|(t, _)| *t == ticket) {
-            Some((_, w)) => w.clone_from(cx.waker()),
-            None => st.waiters.push((ticket, cx.waker().clone())),
+        match st.waiters.iter_mut().find(|(i, _, _)| *i == id) {
+            Some((_, _, w)) => w.clone_from(cx.waker()),
+            None => st.waiters.push((id, ticket, cx.waker().clone())),
         }
         Poll::Pending
     }
@@ -220,10 +385,13 @@ mod tests {
     use std::sync::atomic::{AtomicU64, Ordering};
 
     fn flusher_with(
-        flush: impl FnMut() -> Result<(), sled::Error> + Send + 'static,
+        flush: impl FnMut(Kind) -> Result<(), sled::Error> + Send + 'static,
     ) -> Arc<Flusher> {
         let shared = Arc::new(Shared {
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State {
+                lazy_interval: DEFAULT_INDEX_FLUSH_INTERVAL,
+                ..State::default()
+            }),
             wake: Condvar::new(),
         });
         let (tx, exited) = std::sync::mpsc::channel();
@@ -238,13 +406,24 @@ mod tests {
         })
     }
 
+    /// Counts the flushes of each kind.
+    fn counting() -> (Arc<Flusher>, Arc<[AtomicU64; 2]>) {
+        let counts = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
+        let c = Arc::clone(&counts);
+        let f = flusher_with(move |kind| {
+            c[usize::from(kind == Kind::Full)].fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        });
+        (f, counts)
+    }
+
     #[test]
     fn requests_during_a_flush_share_the_next_one() {
         // The first flush blocks until released, so requests pile up.
         let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
         let calls = Arc::new(AtomicU64::new(0));
         let c = Arc::clone(&calls);
-        let f = flusher_with(move || {
+        let f = flusher_with(move |_| {
             if c.fetch_add(1, Ordering::SeqCst) == 0 {
                 release_rx.recv().unwrap();
             }
@@ -252,7 +431,7 @@ mod tests {
         });
         let first = std::thread::spawn({
             let f = Arc::clone(&f);
-            move || block_on(f.flush())
+            move || block_on(f.flush(Kind::Journal))
         });
         // Wait until the first flush runs.
         while calls.load(Ordering::SeqCst) == 0 {
@@ -261,11 +440,11 @@ mod tests {
         let later: Vec<_> = (0..8)
             .map(|_| {
                 let f = Arc::clone(&f);
-                std::thread::spawn(move || block_on(f.flush()))
+                std::thread::spawn(move || block_on(f.flush(Kind::Journal)))
             })
             .collect();
         // All eight registered before the release.
-        while lock(&f.shared).requested < 9 {
+        while lock(&f.shared).journal_requested < 9 {
             std::thread::yield_now();
         }
         release_tx.send(()).unwrap();
@@ -277,17 +456,68 @@ mod tests {
     }
 
     #[test]
+    fn journal_requests_never_flush_sled_and_full_ones_settle_both() {
+        let (f, counts) = counting();
+        for _ in 0..3 {
+            block_on(f.flush(Kind::Journal)).unwrap();
+        }
+        assert_eq!(
+            counts[1].load(Ordering::SeqCst),
+            0,
+            "no full flush asked for"
+        );
+        assert_eq!(counts[0].load(Ordering::SeqCst), 3);
+        block_on(f.flush(Kind::Full)).unwrap();
+        assert_eq!(counts[1].load(Ordering::SeqCst), 1);
+        assert_eq!(f.full_flush_count(), 1);
+    }
+
+    #[test]
+    fn a_lazy_write_gets_a_full_flush_without_anyone_asking() {
+        let (f, counts) = counting();
+        let asked = Instant::now();
+        f.note_lazy_write();
+        // Nobody waits: the flusher's own deadline runs the full flush.
+        // (Generous bound: a loaded machine may deschedule the thread.)
+        let deadline = asked + Duration::from_secs(30);
+        while counts[1].load(Ordering::SeqCst) == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "no full flush after a lazy write"
+            );
+            std::thread::yield_now();
+        }
+        assert!(
+            asked.elapsed() >= DEFAULT_INDEX_FLUSH_INTERVAL,
+            "not before the deadline"
+        );
+        assert_eq!(counts[0].load(Ordering::SeqCst), 0);
+        // A waiter for "soon" is served by the next full flush.
+        block_on(f.full_flush_soon()).unwrap();
+        assert_eq!(counts[1].load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn dropping_the_flusher_runs_the_full_flush_owed_to_lazy_writes() {
+        let (f, counts) = counting();
+        f.note_lazy_write();
+        drop(Arc::into_inner(f).expect("one handle"));
+        assert_eq!(counts[1].load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
     fn a_failed_flush_fails_its_requests_and_every_later_one() {
         let calls = Arc::new(AtomicU64::new(0));
         let c = Arc::clone(&calls);
-        let f = flusher_with(move || {
+        let f = flusher_with(move |_| {
             if c.fetch_add(1, Ordering::SeqCst) == 0 {
                 Err(sled::Error::Io(std::io::Error::other("EIO")))
             } else {
                 Ok(())
             }
         });
-        assert!(block_on(f.flush()).is_err());
-        assert!(block_on(f.flush()).is_err(), "sticky");
+        assert!(block_on(f.flush(Kind::Journal)).is_err());
+        assert!(block_on(f.flush(Kind::Journal)).is_err(), "sticky");
+        assert!(block_on(f.flush(Kind::Full)).is_err(), "sticky");
     }
 }

@@ -36,6 +36,9 @@ pub struct SpoolOptions {
     /// A flush taking longer than this fails its writers with `452 4.3.1`
     /// and stops new writes until it completes.
     pub flush_timeout: Duration,
+    /// How soon sled (envelopes, pointers, delivery state) follows a write
+    /// that only needed the body log to be durable (see `docs/spool.md`).
+    pub index_flush_interval: Duration,
 }
 
 impl Default for SpoolOptions {
@@ -43,6 +46,7 @@ impl Default for SpoolOptions {
         SpoolOptions {
             min_free_space: 0,
             flush_timeout: Duration::from_secs(10),
+            index_flush_interval: super::flusher::DEFAULT_INDEX_FLUSH_INTERVAL,
         }
     }
 }

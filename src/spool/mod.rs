@@ -43,8 +43,8 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
 
-use bodies::{BodyLog, BodyRef, Dirty, SegmentReader};
-use flusher::Flusher;
+use bodies::{BodyLog, BodyRef, Dirty, Position, SegmentReader};
+use flusher::{Flusher, Kind};
 use health::{Health, SpaceCheck};
 
 use crate::smtp::reply::{EnhancedCode, Reply};
@@ -53,6 +53,9 @@ const ENVELOPE_PREFIX: u8 = b'E';
 const BODY_PREFIX: u8 = b'B';
 /// Where the body lives in the body log: `b'P' ++ id` -> [`BodyRef`].
 const POINTER_PREFIX: u8 = b'P';
+/// The shard's watermark in its body log: every record before it went into
+/// sled (see [`bodies`]; the start-up replay begins there).
+const WATERMARK_KEY: &[u8] = b"W";
 /// sled's segment (and log buffer) size. sled writes any log item over a
 /// quarter of a segment - a whole tree node when it consolidates one - to a
 /// `blobs/` file it never fsyncs. A leaf holds at most 17 entries; with the
@@ -181,6 +184,8 @@ pub struct Spool {
     health: Arc<Health>,
     flusher: Arc<Flusher>,
     dirty: Arc<Dirty>,
+    /// Messages the start-up replay put back into sled.
+    restored: usize,
 }
 
 impl std::fmt::Debug for Spool {
@@ -218,9 +223,13 @@ impl Spool {
         let db = sled::Config::new()
             .path(path)
             .segment_size(segment_size)
+            // Only our flusher makes sled durable: it syncs the body
+            // segments first, so a durable pointer always has its body.
+            .flush_every_ms(None)
             .open()
             .map_err(|e| SpoolError::from_open(path, e))?;
-        tracing::debug!(path = %path.display(), recovered = db.was_recovered(), "spool opened");
+        let restored = restore_from_segments(&db, path)?;
+        tracing::debug!(path = %path.display(), recovered = db.was_recovered(), restored, "spool opened");
         // The directory entries of the spool (and of sled's files in it) must
         // survive power loss too; sled does not sync directories.
         sync_dir(path).map_err(|source| SpoolError::NotWritable {
@@ -228,11 +237,15 @@ impl Spool {
             source,
         })?;
         let dirty = Arc::new(Dirty::default());
-        let flusher = Flusher::start(db.clone(), path, Arc::clone(&dirty)).map_err(|source| {
-            SpoolError::NotWritable {
-                path: path.to_path_buf(),
-                source,
-            }
+        let flusher = Flusher::start(
+            db.clone(),
+            path,
+            Arc::clone(&dirty),
+            options.index_flush_interval,
+        )
+        .map_err(|source| SpoolError::NotWritable {
+            path: path.to_path_buf(),
+            source,
         })?;
         Ok(Spool {
             db,
@@ -240,7 +253,14 @@ impl Spool {
             health: Arc::new(Health::new(path.to_path_buf(), options)),
             flusher: Arc::new(flusher),
             dirty,
+            restored,
         })
+    }
+
+    /// Messages that sled had lost in a crash and the start-up replay of
+    /// the body log restored when this spool was opened.
+    pub fn restored(&self) -> usize {
+        self.restored
     }
 
     /// Whether writes are accepted (process-wide).
@@ -263,11 +283,20 @@ impl Spool {
             len += 1;
         }
         // Which body segments are still referenced, and by how many messages.
+        // A pointer without its envelope (a crash between a removal's two
+        // writes, see `remove_keys`) is dropped.
         let mut live = std::collections::HashMap::new();
-        for v in tree.scan_prefix([POINTER_PREFIX]).values() {
-            *live.entry(BodyRef::decode(&v?)?.segment).or_insert(0u64) += 1;
+        for kv in tree.scan_prefix([POINTER_PREFIX]) {
+            let (k, v) = kv?;
+            let id = id_from_key(&k)?;
+            if !tree.contains_key(key(ENVELOPE_PREFIX, id))? {
+                tree.remove(&k)?;
+                continue;
+            }
+            *live.entry(BodyRef::decode(&v)?.segment).or_insert(0u64) += 1;
         }
-        let bodies = BodyLog::open(&self.path, shard, live, Arc::clone(&self.dirty))?;
+        let watermark = watermark(&tree)?;
+        let bodies = BodyLog::open(&self.path, shard, live, watermark, Arc::clone(&self.dirty))?;
         let label = shard.to_string();
         metrics::gauge!("sluice_spool_messages", "shard" => label.clone()).set(len as f64);
         // Again here: `open` may run before the metrics recorder exists.
@@ -373,9 +402,55 @@ impl Spool {
             WriteState::Ok => {}
             other => return Err(SpoolError::Unavailable(other)),
         }
-        futures_lite::future::block_on(self.flusher.flush())?;
+        futures_lite::future::block_on(self.flusher.flush(Kind::Full))?;
         Ok(())
     }
+}
+
+/// The watermark of a shard's tree (the start of its segments if none).
+fn watermark(tree: &sled::Tree) -> Result<Position, SpoolError> {
+    match tree.get(WATERMARK_KEY)? {
+        Some(v) => bodies::decode_position(&v),
+        None => Ok((0, 0)),
+    }
+}
+
+/// The start-up replay: puts back into sled every message whose record is
+/// after its shard's watermark and that sled lost (a crash between the
+/// journal flush that acknowledged it and the next full flush). Idempotent:
+/// a message sled has is left alone. Returns how many were restored.
+fn restore_from_segments(db: &sled::Db, path: &Path) -> Result<usize, SpoolError> {
+    let mut restored = 0;
+    for shard in bodies::shards_with_segments(path)? {
+        let tree = db.open_tree(format!("{TREE_PREFIX}{shard}"))?;
+        let records = bodies::replay(path, shard, watermark(&tree)?)?;
+        let Some(last) = records.last().map(|r| r.end) else {
+            continue;
+        };
+        let mut batch = sled::Batch::default();
+        let mut n = 0;
+        for r in records.iter().filter(|r| r.restore) {
+            let ekey = key(ENVELOPE_PREFIX, r.id);
+            if tree.contains_key(ekey)? {
+                continue;
+            }
+            Envelope::decode(&r.envelope)?; // never restore what cannot be read
+            batch.insert(&ekey[..], &r.envelope[..]);
+            batch.insert(&key(POINTER_PREFIX, r.id)[..], &r.body.encode()[..]);
+            n += 1;
+        }
+        batch.insert(WATERMARK_KEY, &bodies::encode_position(last)[..]);
+        tree.apply_batch(batch)?;
+        if n > 0 {
+            tracing::info!(
+                shard,
+                messages = n,
+                "restored from the body log what sled lost in a crash"
+            );
+        }
+        restored += n;
+    }
+    Ok(restored)
 }
 
 /// The segment size an existing sled database was created with (sled refuses
@@ -496,9 +571,14 @@ impl Partition {
         }
     }
 
-    async fn commit(&self) -> Result<(), SpoolError> {
+    /// Awaits a flush of `kind` (see [`flusher`]) under the watchdog.
+    async fn commit(&self, kind: Kind) -> Result<(), SpoolError> {
         self.check_writable()?;
-        watched_flush(self.inner.flusher.flush(), Arc::clone(&self.inner.health)).await?;
+        watched_flush(
+            self.inner.flusher.flush(kind),
+            Arc::clone(&self.inner.health),
+        )
+        .await?;
         Ok(())
     }
 
@@ -546,17 +626,32 @@ impl Partition {
                 reason: format!("message {id} is already in the spool"),
             });
         }
-        let body = self.inner.bodies.append(parts).await?;
+        // Record, pointer and watermark without a yield in between, so the
+        // watermark never passes a record that is not in sled.
+        let (body, end) = self.inner.bodies.append(id, &record, parts, true)?;
         let pkey = key(POINTER_PREFIX, id);
-        let mut batch = sled::Batch::default();
-        batch.insert(&ekey[..], record);
-        batch.insert(&pkey[..], &body.encode()[..]);
-        if let Err(e) = tree.apply_batch(batch) {
+        // Three plain inserts, not a sled `Batch`: every batch makes sled
+        // write and `sync_file_range` its log buffer twice on its thread
+        // pool (`pin_log`), which cost more CPU than the rest of a store.
+        // Atomicity comes from the order instead: sled recovers a prefix
+        // of its operations, and with pointer, envelope, watermark in this
+        // order every prefix is either complete or repaired by the replay
+        // (envelope missing: restored) or at start-up (pointer alone:
+        // dropped, see `Spool::partition`).
+        let inserted = tree
+            .insert(pkey, &body.encode()[..])
+            .and_then(|_| tree.insert(ekey, record))
+            .and_then(|_| tree.insert(WATERMARK_KEY, &bodies::encode_position(end)[..]));
+        if let Err(e) = inserted {
             self.inner.bodies.release(body.segment);
             return Err(self.write_error(e));
         }
         self.set_len(self.inner.len.get() + 1);
-        if let Err(e) = self.commit().await {
+        // The record alone makes the message durable (the replay restores
+        // what sled loses); sled itself follows within the index flush
+        // interval.
+        self.inner.flusher.note_lazy_write();
+        if let Err(e) = self.commit(Kind::Journal).await {
             tracing::warn!(shard = self.inner.shard, %id, error = %e, "spool store failed");
             // The caller answers 4xx and the client retries: take the
             // not-durable copy out again so a later flush cannot turn it into
@@ -620,8 +715,18 @@ impl Partition {
         }
         tree.insert(ekey, envelope.encode())
             .map_err(|e| self.write_error(e))?;
-        self.commit().await?;
+        self.commit(Kind::Full).await?;
         tracing::debug!(shard = self.inner.shard, id = %envelope.id, "spool updated");
+        Ok(())
+    }
+
+    /// Removes `id`'s keys, envelope first (see `store_parts` for why not a
+    /// `Batch`; a pointer left alone by a crash is dropped at start-up).
+    fn remove_keys(&self, id: SpoolId) -> Result<(), sled::Error> {
+        let tree = &self.inner.tree;
+        tree.remove(key(ENVELOPE_PREFIX, id))?;
+        tree.remove(key(POINTER_PREFIX, id))?;
+        tree.remove(key(BODY_PREFIX, id))?;
         Ok(())
     }
 
@@ -635,15 +740,11 @@ impl Partition {
             Some(p) => Some(BodyRef::decode(&p)?),
             None => None,
         };
-        let mut batch = sled::Batch::default();
-        batch.remove(&ekey[..]);
-        batch.remove(&pkey[..]);
-        batch.remove(&key(BODY_PREFIX, id)[..]);
-        tree.apply_batch(batch).map_err(|e| self.write_error(e))?;
+        self.remove_keys(id).map_err(|e| self.write_error(e))?;
         if existed {
             self.set_len(self.inner.len.get().saturating_sub(1));
         }
-        self.commit().await?;
+        self.commit(Kind::Full).await?;
         // Durably gone: its bytes in the body log may go too.
         if let Some(b) = body {
             self.inner.bodies.release(b.segment);
@@ -656,8 +757,15 @@ impl Partition {
     /// removes `original` and, if given, stores its DSN (envelope + body) as
     /// a new message. A crash leaves either the original (the DSN is built
     /// again after the restart) or the DSN alone, never both and never
-    /// neither. Durable when it resolves `Ok`; the original's body space is
-    /// released only then.
+    /// neither.
+    ///
+    /// With a DSN it is durable when it resolves `Ok` (a full flush: the DSN
+    /// exists only in sled, its record is not replayed). Without one it
+    /// resolves at once and reaches the disk with the next full flush,
+    /// within `SpoolOptions::index_flush_interval`: losing it in a crash means one
+    /// more delivery of a delivered message (a duplicate, never a loss), as
+    /// with any crash mid-delivery. The original's body space is released
+    /// only once the removal is durable.
     pub async fn complete(
         &self,
         original: SpoolId,
@@ -665,46 +773,52 @@ impl Partition {
     ) -> Result<(), SpoolError> {
         let tree = &self.inner.tree;
         let okey = key(ENVELOPE_PREFIX, original);
-        let opkey = key(POINTER_PREFIX, original);
-        let mut batch = sled::Batch::default();
-        batch.remove(&okey[..]);
-        batch.remove(&opkey[..]);
-        batch.remove(&key(BODY_PREFIX, original)[..]);
-        let mut added = None;
-        if let Some((env, body)) = dsn {
-            self.check_writable()?;
-            // The body goes to the log first (durable with the same flush as
-            // the batch below, see `bodies`).
-            let b = self.inner.bodies.append(&[body]).await?;
-            batch.insert(&key(ENVELOPE_PREFIX, env.id)[..], env.encode());
-            batch.insert(&key(POINTER_PREFIX, env.id)[..], &b.encode()[..]);
-            added = Some(b);
-        }
-        // Read after the append's await: only this shard writes this tree,
-        // so nothing can change between here and the batch.
         let existed = tree.contains_key(okey)?;
-        let obody = match tree.get(opkey)? {
+        let obody = match tree.get(key(POINTER_PREFIX, original))? {
             Some(p) => Some(BodyRef::decode(&p)?),
             None => None,
         };
-        if let Err(e) = tree.apply_batch(batch) {
-            if let Some(b) = added {
-                self.inner.bodies.release(b.segment);
+        let Some((env, body)) = dsn else {
+            self.remove_keys(original)
+                .map_err(|e| self.write_error(e))?;
+            if existed {
+                self.set_len(self.inner.len.get() - 1);
             }
+            let part = self.clone();
+            let durable = self.inner.flusher.full_flush_soon();
+            glommio::spawn_local(async move {
+                // A failed flush wedges the spool: the space is then kept,
+                // and the next start finds the message again.
+                if durable.await.is_ok() {
+                    if let Some(b) = obody {
+                        part.inner.bodies.release(b.segment);
+                    }
+                }
+            })
+            .detach();
+            tracing::debug!(shard = self.inner.shard, id = %original, "spool completed");
+            return Ok(());
+        };
+        self.check_writable()?;
+        let mut batch = sled::Batch::default();
+        batch.remove(&okey[..]);
+        batch.remove(&key(POINTER_PREFIX, original)[..]);
+        batch.remove(&key(BODY_PREFIX, original)[..]);
+        let record = env.encode();
+        // Durable with the same (full) flush as the batch below.
+        let (b, _) = self.inner.bodies.append(env.id, &record, &[body], false)?;
+        batch.insert(&key(ENVELOPE_PREFIX, env.id)[..], record);
+        batch.insert(&key(POINTER_PREFIX, env.id)[..], &b.encode()[..]);
+        if let Err(e) = tree.apply_batch(batch) {
+            self.inner.bodies.release(b.segment);
             return Err(self.write_error(e));
         }
-        let len = self.inner.len.get() - usize::from(existed) + usize::from(added.is_some());
-        self.set_len(len);
-        self.commit().await?;
+        self.set_len(self.inner.len.get() + 1 - usize::from(existed));
+        self.commit(Kind::Full).await?;
         if let Some(b) = obody {
             self.inner.bodies.release(b.segment);
         }
-        tracing::debug!(
-            shard = self.inner.shard,
-            id = %original,
-            dsn = ?dsn.map(|(e, _)| e.id),
-            "spool completed"
-        );
+        tracing::debug!(shard = self.inner.shard, id = %original, dsn = %env.id, "spool completed");
         Ok(())
     }
 
