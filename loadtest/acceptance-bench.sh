@@ -92,7 +92,12 @@ stop_sluice() {
     kill "$SERVER" 2>/dev/null && wait "$SERVER" 2>/dev/null || true
     SERVER=
     rm -rf "$SPOOLDIR/spool"
+    settle
 }
+# After each run: write back and discard what the run left (the root file
+# system is mounted with `discard`: deleting gigabytes of spool issues
+# discards that would otherwise compete with the next run's fsyncs).
+settle() { sync; }
 PF_ADDR=127.0.0.1:2528
 if [ "$POSTFIX" = 1 ]; then
     "$HERE/postfix-accept.sh" stop >/dev/null 2>&1 || true
@@ -133,7 +138,7 @@ for size in $SIZES; do
             f=$(run "closed-$size-$rep-$who" "$addr" "$size" "$CONNS")
             summary "$f" "closed $size #$rep $who"
             [ "$who" = sluice ] && stop_sluice
-            [ "$who" = postfix ] && "$HERE/postfix-accept.sh" flush >/dev/null
+            [ "$who" = postfix ] && "$HERE/postfix-accept.sh" flush >/dev/null && settle
         done
     done
 done
@@ -155,7 +160,7 @@ PY
             f=$(run "open-$size-$who" "$addr" "$size" $((CONNS * 4)) --rate "$rate/s")
             summary "$f" "open $size @${rate}/s $who"
             [ "$who" = sluice ] && stop_sluice
-            [ "$who" = postfix ] && "$HERE/postfix-accept.sh" flush >/dev/null
+            [ "$who" = postfix ] && "$HERE/postfix-accept.sh" flush >/dev/null && settle
         done
     done
 fi

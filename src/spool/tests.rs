@@ -60,6 +60,25 @@ fn body_for(id: SpoolId, len: usize) -> Vec<u8> {
     line.bytes().cycle().take(len).collect()
 }
 
+/// Opens `path`, waiting out `Locked` for a while: a child that another
+/// test forks copies every open descriptor, sled's lock included, until it
+/// execs, so a spool closed a moment ago can still look locked.
+fn open_when_unlocked_with(path: &Path, options: SpoolOptions) -> Result<Spool, SpoolError> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        match Spool::open_with(path, options.clone()) {
+            Err(SpoolError::Locked { .. }) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            other => return other,
+        }
+    }
+}
+
+fn open_when_unlocked(path: &Path) -> Spool {
+    open_when_unlocked_with(path, SpoolOptions::default()).unwrap()
+}
+
 // ---------------------------------------------------------------- ids
 
 #[test]
@@ -207,7 +226,7 @@ fn store_load_update_remove_enumerate() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().to_path_buf();
     run(move || async move {
-        let spool = Spool::open(&path).unwrap();
+        let spool = open_when_unlocked(&path);
         let p = spool.partition(0).unwrap();
         let mut g = SpoolIdGenerator::new(0, None);
         let ids: Vec<SpoolId> = (0..5).map(|i| g.next(ms(1_000 + i))).collect();
@@ -275,7 +294,7 @@ fn concurrent_stores_share_flushes() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().to_path_buf();
     let (stores, flushes, covered, max_batch) = run(move || async move {
-        let spool = Spool::open(&path).unwrap();
+        let spool = open_when_unlocked(&path);
         let p = spool.partition(4).unwrap();
         let mut g = SpoolIdGenerator::new(4, None);
         let n = 200;
@@ -312,7 +331,7 @@ fn reopen_sees_everything_and_partitions_of_gone_shards() {
     let stored: Vec<(u16, SpoolId)> = run({
         let path = path.clone();
         move || async move {
-            let spool = Spool::open(&path).unwrap();
+            let spool = open_when_unlocked(&path);
             let mut out = vec![];
             for shard in [0u16, 1, 7] {
                 let p = spool.partition(shard).unwrap();
@@ -328,14 +347,14 @@ fn reopen_sees_everything_and_partitions_of_gone_shards() {
     });
     // Second opener while the first is alive is refused with a clear error.
     {
-        let first = Spool::open(&path).unwrap();
+        let first = open_when_unlocked(&path);
         let err = Spool::open(&path).unwrap_err();
         assert!(matches!(err, SpoolError::Locked { .. }), "{err}");
         assert!(err.to_string().contains("is locked by another process"));
         drop(first);
     }
     // Restart "with one shard": partitions() still finds 1 and 7.
-    let spool = Spool::open(&path).unwrap();
+    let spool = open_when_unlocked(&path);
     assert_eq!(spool.partitions().unwrap(), vec![0, 1, 7]);
     assert_eq!(spool.count().unwrap(), 9);
     for (shard, id) in &stored {
@@ -418,7 +437,7 @@ fn child_store_forever() {
     let path = PathBuf::from(dir);
     run(move || async move {
         use std::io::Write;
-        let spool = match Spool::open(&path) {
+        let spool = match open_when_unlocked_with(&path, SpoolOptions::default()) {
             Ok(s) => s,
             Err(e) => {
                 println!("ERR {}", e.reply());
@@ -468,21 +487,6 @@ fn child_store_forever() {
         }
         println!("DONE");
     });
-}
-
-/// Opens `path`, waiting out `Locked` for a while: a child that another
-/// test forks copies every open descriptor, sled's lock included, until it
-/// execs, so a spool closed a moment ago can still look locked.
-fn open_when_unlocked(path: &Path) -> Spool {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
-        match Spool::open(path) {
-            Err(SpoolError::Locked { .. }) if std::time::Instant::now() < deadline => {
-                std::thread::sleep(std::time::Duration::from_millis(20))
-            }
-            other => return other.unwrap(),
-        }
-    }
 }
 
 fn verify_loadable(path: &Path, ids: &[SpoolId], body_len: usize) {
@@ -559,7 +563,7 @@ fn child_store_remove_store_then_wait() {
             index_flush_interval: std::time::Duration::from_secs(60),
             ..SpoolOptions::default()
         };
-        let spool = Spool::open_with(&path, options).unwrap();
+        let spool = open_when_unlocked_with(&path, options).unwrap();
         let p = spool.partition(0).unwrap();
         let mut g = SpoolIdGenerator::new(0, spool.max_id().unwrap());
         let mut ids = vec![];
@@ -766,7 +770,7 @@ fn unwritable_spool_refuses_stores_without_writing() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().to_owned();
     run(move || async move {
-        let spool = Spool::open(&path).unwrap();
+        let spool = open_when_unlocked(&path);
         let p = spool.partition(0).unwrap();
         spool.health.stall();
         let id = SpoolIdGenerator::new(0, None).next(ms(1));
@@ -812,7 +816,7 @@ fn bodies_of_every_size_round_trip_through_the_body_log() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().to_owned();
     run(move || async move {
-        let spool = Spool::open(&path).unwrap();
+        let spool = open_when_unlocked(&path);
         let p = spool.partition(0).unwrap();
         let mut g = SpoolIdGenerator::new(0, None);
         let sizes = [0, 1, 4095, 65536, 100 << 10, 1 << 20, (5 << 20) + 17];
@@ -868,7 +872,7 @@ fn body_log_survives_reopen_and_drops_unreferenced_segments() {
     let (kept, gone) = run({
         let path = path.clone();
         move || async move {
-            let spool = Spool::open(&path).unwrap();
+            let spool = open_when_unlocked(&path);
             let p = spool.partition(1).unwrap();
             let mut g = SpoolIdGenerator::new(1, None);
             let kept = g.next(ms(1));
@@ -887,7 +891,7 @@ fn body_log_survives_reopen_and_drops_unreferenced_segments() {
     )
     .unwrap();
     run(move || async move {
-        let spool = Spool::open(&path).unwrap();
+        let spool = open_when_unlocked(&path);
         let p = spool.partition(1).unwrap();
         assert_eq!(p.load(kept).unwrap().unwrap().1, b"kept body");
         assert!(p.load(gone).unwrap().is_none());
@@ -910,7 +914,7 @@ fn complete_swaps_original_for_dsn_atomically_and_readers_see_bodies() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().to_path_buf();
     run(move || async move {
-        let spool = Spool::open(&path).unwrap();
+        let spool = open_when_unlocked(&path);
         let p = spool.partition(0).unwrap();
         let mut g = SpoolIdGenerator::new(0, None);
         let (a, b, dsn_id) = (g.next(ms(1)), g.next(ms(2)), g.next(ms(3)));
