@@ -71,9 +71,11 @@ struct State {
     lazy_since: Option<Instant>,
     /// Sticky: once a flush failed, sled is wedged for this process.
     error: Option<sled::Error>,
-    /// (waiter id, what it waits for, its waker); ids are unique, tickets
-    /// are not (every full waiter of one flush has the same).
-    waiters: Vec<(u64, Ticket, Waker)>,
+    /// (waiter id, ticket number, waker), per kind: a journal flush only
+    /// looks at its own (many delivered messages may wait for the next full
+    /// flush meanwhile). Ids are unique; full ticket numbers are not.
+    journal_waiters: Vec<Waiter>,
+    full_waiters: Vec<Waiter>,
     next_waiter: u64,
     stop: bool,
     /// Counters for tests and metrics.
@@ -81,6 +83,8 @@ struct State {
     covered: u64,
     max_batch: u64,
 }
+
+type Waiter = (u64, u64, Waker);
 
 /// What a waiter waits for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -91,6 +95,13 @@ enum Ticket {
 }
 
 impl State {
+    fn waiters(&mut self, t: Ticket) -> &mut Vec<Waiter> {
+        match t {
+            Ticket::Journal(_) => &mut self.journal_waiters,
+            Ticket::Full(_) => &mut self.full_waiters,
+        }
+    }
+
     fn settled(&self, t: Ticket) -> bool {
         match t {
             Ticket::Journal(n) => self.journal_done >= n,
@@ -297,11 +308,8 @@ fn run(shared: &Shared, mut flush: impl FnMut(Kind) -> Result<(), sled::Error>) 
             st.journal_done = journal_target;
             if kind == Kind::Full {
                 st.full_finished += 1;
-                batch += st
-                    .waiters
-                    .iter()
-                    .filter(|(_, t, _)| *t == Ticket::Full(st.full_finished))
-                    .count() as u64;
+                let done = st.full_finished;
+                batch += st.full_waiters.iter().filter(|w| w.1 <= done).count() as u64;
             }
             metrics::histogram!("sluice_spool_flush_batch_size", "kind" => label)
                 .record(batch as f64);
@@ -312,14 +320,30 @@ fn run(shared: &Shared, mut flush: impl FnMut(Kind) -> Result<(), sled::Error>) 
                 tracing::error!(error = %e, "spool flush failed");
                 st.error.get_or_insert(e);
             }
-            let (ready, waiting) = std::mem::take(&mut st.waiters)
-                .into_iter()
-                .partition(|(_, t, _)| st.settled(*t));
-            st.waiters = waiting;
-            ready.into_iter().map(|(_, _, w)| w).collect()
+            let mut ready = Vec::new();
+            let journal_done = st.journal_done;
+            take_settled(&mut st.journal_waiters, journal_done, &mut ready);
+            if kind == Kind::Full {
+                let full_done = st.full_finished;
+                take_settled(&mut st.full_waiters, full_done, &mut ready);
+            }
+            ready
         };
         for w in ready {
             w.wake();
+        }
+    }
+}
+
+/// Moves the wakers of `waiters` whose ticket number is `done` or less into
+/// `ready`.
+fn take_settled(waiters: &mut Vec<Waiter>, done: u64, ready: &mut Vec<Waker>) {
+    let mut i = 0;
+    while i < waiters.len() {
+        if waiters[i].1 <= done {
+            ready.push(waiters.swap_remove(i).2);
+        } else {
+            i += 1;
         }
     }
 }
@@ -340,8 +364,8 @@ impl Future for FlushFuture {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let shared = Arc::clone(&self.flusher.shared);
         let mut st = lock(&shared);
-        let (id, ticket) = match self.ticket {
-            Some(t) => t,
+        let (id, ticket, first_poll) = match self.ticket {
+            Some((id, t)) => (id, t, false),
             None => {
                 let t = match self.kind {
                     Kind::Journal => {
@@ -361,7 +385,7 @@ impl Future for FlushFuture {
                 let id = st.next_waiter;
                 self.ticket = Some((id, t));
                 shared.wake.notify_one();
-                (id, t)
+                (id, t, true)
             }
         };
         if st.settled(ticket) {
@@ -370,9 +394,17 @@ impl Future for FlushFuture {
                 None => Ok(0),
             });
         }
-        match st.waiters.iter_mut().find(|(i, _, _)| *i == id) {
-            Some((_, _, w)) => w.clone_from(cx.waker()),
-            None => st.waiters.push((id, ticket, cx.waker().clone())),
+        let n = match ticket {
+            Ticket::Journal(n) | Ticket::Full(n) => n,
+        };
+        let waiters = st.waiters(ticket);
+        // Only a repeated poll can find itself registered already.
+        match (!first_poll)
+            .then(|| waiters.iter_mut().find(|w| w.0 == id))
+            .flatten()
+        {
+            Some(w) => w.2.clone_from(cx.waker()),
+            None => waiters.push((id, n, cx.waker().clone())),
         }
         Poll::Pending
     }
