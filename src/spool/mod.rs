@@ -33,6 +33,17 @@ mod id;
 #[cfg(test)]
 mod tests;
 
+/// Entry points for the `spool_segment` fuzz target (`cfg(fuzzing)` only).
+#[cfg(any(test, fuzzing))]
+#[doc(hidden)]
+pub mod fuzz_harness {
+    /// Parses `data` as a body-log segment and checks the invariants of
+    /// `bodies::fuzz_segment`; panics on a violation.
+    pub fn segment(data: &[u8]) {
+        super::bodies::fuzz_segment(data);
+    }
+}
+
 pub use envelope::{Envelope, Recipient, RecipientState};
 pub use health::{SpoolOptions, WriteState};
 pub use id::{ParseSpoolIdError, SpoolId, SpoolIdGenerator, ID_EPOCH_UNIX_MS, ID_TEXT_LEN};
