@@ -907,6 +907,73 @@ fn body_log_survives_reopen_and_drops_unreferenced_segments() {
     });
 }
 
+#[test]
+fn a_pointer_without_its_envelope_is_dropped_and_new_segments_number_above_the_watermark() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_owned();
+    let (a, b) = run({
+        let path = path.clone();
+        move || async move {
+            let spool = open_when_unlocked(&path);
+            let p = spool.partition(2).unwrap();
+            let mut g = SpoolIdGenerator::new(2, None);
+            let (a, b) = (g.next(ms(1)), g.next(ms(2)));
+            p.store(&envelope(a, 1), b"a").await.unwrap();
+            p.store(&envelope(b, 1), b"b").await.unwrap();
+            // A crash between a removal's two writes: the envelope is
+            // gone, the pointer is not.
+            p.inner.tree.remove(key(ENVELOPE_PREFIX, a)).unwrap();
+            // Partition 3: its only message removed, so its segment goes at
+            // the next start, while its watermark still points into it.
+            let p3 = spool.partition(3).unwrap();
+            let c = SpoolIdGenerator::new(3, None).next(ms(3));
+            p3.store(&envelope(c, 1), b"c").await.unwrap();
+            p3.remove(c).await.unwrap();
+            spool.flush_blocking().unwrap();
+            (a, b)
+        }
+    });
+    let segments = |shard: &str| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(path.join(bodies::BODIES_DIR))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.starts_with(shard))
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(segments("00003-"), ["00003-000000000001.body"]);
+    run({
+        let path = path.clone();
+        move || async move {
+            let spool = open_when_unlocked(&path);
+            let p = spool.partition(2).unwrap();
+            assert!(p.inner.tree.get(key(POINTER_PREFIX, a)).unwrap().is_none());
+            assert!(p.load(a).unwrap().is_none());
+            assert_eq!(p.load(b).unwrap().unwrap().1, b"b");
+            assert_eq!(p.len(), 1);
+            // Opening partition 3 deletes its empty segment; nothing is
+            // stored in it this time.
+            spool.partition(3).unwrap();
+        }
+    });
+    assert!(segments("00003-").is_empty());
+    run({
+        let path = path.clone();
+        move || async move {
+            let spool = open_when_unlocked(&path);
+            let p3 = spool.partition(3).unwrap();
+            let d = SpoolIdGenerator::new(3, None).next(ms(4));
+            p3.store(&envelope(d, 1), b"d").await.unwrap();
+        }
+    });
+    // The watermark still points into segment 1, which no longer exists:
+    // the new segment is numbered above it, or a replay from the watermark
+    // would start in the middle of the new segment 1 and skip its first
+    // records.
+    assert_eq!(segments("00003-"), ["00003-000000000002.body"]);
+}
+
 // ---------------------------------------------------------------- delivery
 
 #[test]
