@@ -12,13 +12,13 @@
 //!
 //! Why the envelope is in the record too: it makes the segments a journal.
 //! A store is durable once its segment is `fdatasync`ed (a *journal* flush,
-//! see [`super::flusher`]); sled is made durable lazily, a few times a
-//! second, instead of once per group commit (sled's flush costs a thread
-//! hand-off and a `sync_file_range` round trip on top of our `fdatasync`,
-//! and was a third of the CPU at full load). What sled lost in a crash, the
-//! start-up [`replay`] restores from the records after the shard's
-//! watermark (`b'W'` in its tree: the end of the last record whose
-//! envelope and pointer went into sled, written in the same batch).
+//! see [`super::flusher`]); sled is made durable lazily, at most
+//! `index_flush_interval` later, instead of once per group commit (sled's
+//! flush costs a thread hand-off and a `sync_file_range` round trip on top
+//! of our `fdatasync`, and was a third of the CPU at full load). What sled
+//! lost in a crash, the start-up [`replay`] restores from the records after
+//! the shard's watermark (`b'W'` in its tree: the end of the last record
+//! whose envelope and pointer went into sled, inserted right after them).
 //!
 //! Appends are a plain `pwrite` from the shard into the page cache (tens of
 //! microseconds for 100 KiB; measured cheaper than an io_uring write, which
