@@ -5,23 +5,26 @@
 //! rebuilt from [`Partition::envelopes`] at start-up.
 //!
 //! Storage: one sled [`sled::Db`] per process (sled holds a file lock), one
-//! tree `shard-N` per glommio shard. Inside a tree a message is these keys,
-//! written atomically by one `Batch`:
+//! tree `shard-N` per glommio shard, and per shard a body log (append-only
+//! segment files under `bodies/`, see [`bodies`]) holding one record per
+//! message: envelope and body. Inside a tree a message is these keys:
 //!
 //! * `b'E' ++ id (8 bytes BE)` -> [`Envelope`] record (format byte + JSON)
 //! * `b'P' ++ id (8 bytes BE)` -> where the body is in the shard's body log
-//!   (append-only segment files under `bodies/`, see [`bodies`] for why)
 //! * `b'B' ++ id` -> the body itself, in spools written by earlier builds
 //!   (still read and removed)
 //!
-//! The prefixes keep all envelopes contiguous, so enumerating for the queue
-//! rebuild, counting and `max_id` never read a body. See `docs/spool.md` for
-//! the layout and why bodies live outside sled.
+//! and `b"W"`, the shard's watermark in its body log. The prefixes keep all
+//! envelopes contiguous, so enumerating for the queue rebuild, counting and
+//! `max_id` never read a body. See `docs/spool.md` for the layout.
 //!
-//! Durability: `insert` in sled is only in memory until a flush, so every
-//! mutating call awaits a group-committed flush (see [`flusher`]): sled's
-//! `flush` followed by an `fdatasync` of its log (sled's own flush stops at
-//! `sync_file_range`), before resolving `Ok`. A failed flush surfaces as
+//! Durability (see [`flusher`]): a store resolves `Ok` once its record is
+//! `fdatasync`ed (a group-committed *journal* flush); sled, only in memory
+//! until flushed, follows within `SpoolOptions::index_flush_interval`, and
+//! what it lost in a crash is replayed from the body log at open. Updates,
+//! removals and bounce swaps await a *full* flush (segments, then sled's
+//! `flush` and an `fdatasync` of its log), except a delivered message's
+//! removal, which is not waited for. A failed flush surfaces as
 //! [`SpoolError`], whose [`SpoolError::reply`] is the transient `452 4.3.1`
 //! to send instead of `250`.
 
