@@ -179,19 +179,11 @@ pub(crate) fn replay(
     from: Position,
 ) -> Result<Vec<Replayed>, SpoolError> {
     let dir = spool.join(BODIES_DIR);
-    let mut seqs: Vec<u64> = match std::fs::read_dir(&dir) {
-        Ok(entries) => entries
-            .filter_map(|e| e.ok())
-            .filter_map(|e| e.file_name().to_str().and_then(parse_segment_name))
-            .filter(|&(s, seq)| s == shard && seq >= from.0)
-            .map(|(_, seq)| seq)
-            .collect(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-        Err(e) => return Err(io_err(e)),
-    };
-    seqs.sort_unstable();
     let mut out = Vec::new();
-    for seq in seqs {
+    for (_, seq) in list_segments(&dir)?
+        .into_iter()
+        .filter(|&(s, seq)| s == shard && seq >= from.0)
+    {
         let data = std::fs::read(dir.join(segment_name(shard, seq))).map_err(io_err)?;
         if !data.starts_with(SEGMENT_MAGIC) {
             continue;
@@ -355,18 +347,31 @@ fn parse_segment_name(name: &str) -> Option<(u16, u64)> {
 /// The shards that have segments under `spool` (their trees may not have
 /// reached sled's disk before a crash).
 pub(crate) fn shards_with_segments(spool: &Path) -> Result<Vec<u16>, SpoolError> {
-    let mut shards: Vec<u16> = match std::fs::read_dir(spool.join(BODIES_DIR)) {
-        Ok(entries) => entries
-            .filter_map(|e| e.ok())
-            .filter_map(|e| e.file_name().to_str().and_then(parse_segment_name))
-            .map(|(s, _)| s)
-            .collect(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-        Err(e) => return Err(io_err(e)),
-    };
-    shards.sort_unstable();
+    let mut shards: Vec<u16> = list_segments(&spool.join(BODIES_DIR))?
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect();
     shards.dedup();
     Ok(shards)
+}
+
+/// Every segment in `dir` as (shard, segment number), sorted; none if the
+/// directory does not exist. Other files are ignored.
+fn list_segments(dir: &Path) -> Result<Vec<(u16, u64)>, SpoolError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io_err(e)),
+    };
+    let mut segments = Vec::new();
+    for entry in entries {
+        let name = entry.map_err(io_err)?.file_name();
+        if let Some(seg) = name.to_str().and_then(parse_segment_name) {
+            segments.push(seg);
+        }
+    }
+    segments.sort_unstable();
+    Ok(segments)
 }
 
 fn io_err(e: std::io::Error) -> SpoolError {
@@ -390,19 +395,14 @@ impl BodyLog {
         let dir = spool.join(BODIES_DIR);
         std::fs::create_dir_all(&dir).map_err(io_err)?;
         let mut max_seq = live.keys().copied().max().unwrap_or(0).max(watermark.0);
-        for entry in std::fs::read_dir(&dir).map_err(io_err)? {
-            let entry = entry.map_err(io_err)?;
-            let name = entry.file_name();
-            let Some((s, seq)) = name.to_str().and_then(parse_segment_name) else {
-                continue;
-            };
-            if s != shard {
-                continue;
-            }
+        for (_, seq) in list_segments(&dir)?
+            .into_iter()
+            .filter(|&(s, _)| s == shard)
+        {
             max_seq = max_seq.max(seq);
             if !live.contains_key(&seq) {
                 tracing::debug!(shard, seq, "removing unreferenced body segment");
-                std::fs::remove_file(entry.path()).map_err(io_err)?;
+                std::fs::remove_file(dir.join(segment_name(shard, seq))).map_err(io_err)?;
             }
         }
         Ok(BodyLog {
