@@ -147,12 +147,15 @@ pub(crate) const SLED_LOG_FILE: &str = "db";
 
 impl Flusher {
     /// Starts the thread for `db`, whose directory is `path`.
-    /// `lazy`: the lazy interval (see [`DEFAULT_INDEX_FLUSH_INTERVAL`]).
+    /// `lazy`: the lazy interval (see [`DEFAULT_INDEX_FLUSH_INTERVAL`]). A
+    /// failed flush marks `health` failed at once, also when nobody waits
+    /// for it (a lazy one), so `/metrics` and the next writer see it.
     pub(crate) fn start(
         db: sled::Db,
         path: &Path,
         bodies: Arc<super::bodies::Dirty>,
         lazy: Duration,
+        health: Arc<super::health::Health>,
     ) -> std::io::Result<Flusher> {
         let log = std::fs::File::open(path.join(SLED_LOG_FILE))?;
         let spool = path.to_path_buf();
@@ -169,12 +172,18 @@ impl Flusher {
             .name("sluice-spool-flush".into())
             .spawn(move || {
                 run(&s, |kind| {
-                    bodies.sync(&spool)?;
-                    if kind == Kind::Full {
-                        db.flush()?;
-                        log.sync_data()?;
+                    let flushed = (|| {
+                        bodies.sync(&spool)?;
+                        if kind == Kind::Full {
+                            db.flush()?;
+                            log.sync_data()?;
+                        }
+                        Ok(())
+                    })();
+                    if let Err(e) = &flushed {
+                        health.fail(e);
                     }
-                    Ok(())
+                    flushed
                 });
                 drop(db);
                 let _ = exited_tx.send(());

@@ -251,11 +251,14 @@ impl Spool {
             source,
         })?;
         let dirty = Arc::new(Dirty::default());
+        let lazy = options.index_flush_interval;
+        let health = Arc::new(Health::new(path.to_path_buf(), options));
         let flusher = Flusher::start(
             db.clone(),
             path,
             Arc::clone(&dirty),
-            options.index_flush_interval,
+            lazy,
+            Arc::clone(&health),
         )
         .map_err(|source| SpoolError::NotWritable {
             path: path.to_path_buf(),
@@ -264,7 +267,7 @@ impl Spool {
         Ok(Spool {
             db,
             path: path.to_path_buf(),
-            health: Arc::new(Health::new(path.to_path_buf(), options)),
+            health,
             flusher: Arc::new(flusher),
             dirty,
             restored,
@@ -642,7 +645,17 @@ impl Partition {
         }
         // Record, pointer and watermark without a yield in between, so the
         // watermark never passes a record that is not in sled.
-        let (body, end) = self.inner.bodies.append(id, &record, parts, true)?;
+        let (body, end) = match self.inner.bodies.append(id, &record, parts, true) {
+            Ok(appended) => appended,
+            Err(e) => {
+                // Settle sled before the client hears 452 (a full disk hits
+                // its pending writes too, and sled cannot recover from that
+                // in-process): the spool's state is then known, not left to
+                // a lazy flush that may fail a moment later.
+                let _ = self.commit(Kind::Full).await;
+                return Err(e);
+            }
+        };
         let pkey = key(POINTER_PREFIX, id);
         // Three plain inserts, not a sled `Batch`: every batch makes sled
         // write and `sync_file_range` its log buffer twice on its thread
